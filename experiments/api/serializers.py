@@ -1,0 +1,261 @@
+"""API shapes: inputs are parsed here, services do the work, outputs are read-only."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from rest_framework import serializers
+
+from experiments import selectors
+from experiments.models import Alert, Plan, PlanEvent, Run, Sweep
+
+SECRET_NAME = re.compile(r"(KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL)", re.IGNORECASE)
+
+
+def redact_env(env: dict[str, str]) -> dict[str, str]:
+    """Environment values whose names look secret are never sent back."""
+    return {k: ("********" if SECRET_NAME.search(k) else v) for k, v in env.items()}
+
+
+class RunSerializer(serializers.ModelSerializer):
+    sweep_id = serializers.CharField(allow_null=True, read_only=True)
+    plan_id = serializers.CharField(allow_null=True, read_only=True)
+    parent_id = serializers.CharField(allow_null=True, read_only=True)
+    host = serializers.SerializerMethodField()
+    created_by = serializers.CharField(source="created_by.username", read_only=True)
+    leased_gpus = serializers.SerializerMethodField()
+    env = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Run
+        fields = [
+            "id", "name", "status", "reason", "error", "command", "workdir", "env", "params",
+            "sweep_id", "plan_id", "parent_id", "priority", "gpus", "min_free_mem_mb",
+            "gpuwrap_config", "host", "leased_gpus", "exit_code", "pid", "slurm_job_id",
+            "chat_session_id", "created_by", "stop_requested_at", "created_at", "held_at",
+            "queued_at", "launched_at", "started_at", "ended_at", "updated_at",
+        ]
+        read_only_fields = fields
+
+    def get_host(self, run: Run) -> str | None:
+        return run.host.name if run.host_id else None
+
+    def get_leased_gpus(self, run: Run) -> list[dict[str, Any]]:
+        leases = getattr(run, "active_leases", None)
+        if leases is None:
+            leases = run.leases.filter(released_at__isnull=True).select_related("gpu")
+        return [{"index": lease.gpu.index, "uuid": lease.gpu.uuid} for lease in leases]
+
+    def get_env(self, run: Run) -> dict[str, str]:
+        return redact_env(run.env)
+
+
+class GpuwrapConfigField(serializers.JSONField):
+    """An object checked by the service (unknown keys are an error)."""
+
+
+class RunCreateSerializer(serializers.Serializer):
+    name = serializers.CharField(max_length=200, required=False, allow_blank=True)
+    command = serializers.CharField(trim_whitespace=True)
+    sweep_id = serializers.CharField(required=False, allow_null=True, allow_blank=True)
+    plan_id = serializers.CharField(required=False, allow_null=True, allow_blank=True)
+    chat_session_id = serializers.CharField(
+        required=False, allow_null=True, allow_blank=True, max_length=200
+    )
+    auto_start = serializers.BooleanField(required=False, default=False)
+    gpuwrap_config = GpuwrapConfigField(required=False, allow_null=True)
+    workdir = serializers.CharField(required=False, allow_blank=True, max_length=1000)
+    env = serializers.JSONField(required=False, allow_null=True)
+    params = serializers.DictField(required=False)
+    gpus = serializers.IntegerField(required=False, allow_null=True, min_value=0, max_value=64)
+    min_free_mem_mb = serializers.IntegerField(required=False, allow_null=True, min_value=0)
+    host = serializers.CharField(required=False, allow_null=True, allow_blank=True)
+    priority = serializers.IntegerField(required=False, default=0, min_value=-1000, max_value=1000)
+
+
+class SweepSerializer(serializers.ModelSerializer):
+    plan_id = serializers.CharField(allow_null=True, read_only=True)
+    created_by = serializers.CharField(source="created_by.username", read_only=True)
+    status = serializers.SerializerMethodField()
+    progress = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Sweep
+        fields = [
+            "id", "name", "goal", "kind", "plan_id", "base_command", "parameters", "max_runs",
+            "chat_session_id", "created_by", "created_at", "status", "progress",
+        ]
+        read_only_fields = fields
+
+    def _counts(self, sweep: Sweep) -> dict[str, int]:
+        cached: dict[str, int] | None = getattr(sweep, "_run_counts", None)
+        if cached is None:
+            cached = selectors.sweep_counts(sweep)
+            sweep._run_counts = cached  # type: ignore[attr-defined]
+        return cached
+
+    def get_status(self, sweep: Sweep) -> str:
+        return selectors.sweep_status(self._counts(sweep))
+
+    def get_progress(self, sweep: Sweep) -> dict[str, Any]:
+        counts = self._counts(sweep)
+        total = sum(counts.values())
+        done = counts["finished"] + counts["failed"] + counts["stopped"]
+        return {"total": total, "done": done, "by_status": counts}
+
+
+class SweepRunSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = Run
+        fields = ["id", "name", "status", "command", "params"]
+        read_only_fields = fields
+
+
+class SweepDetailSerializer(SweepSerializer):
+    runs = serializers.SerializerMethodField()
+
+    def get_runs(self, sweep: Sweep) -> list[dict[str, Any]]:
+        runs = sweep.runs.order_by("created_at", "id")
+        return SweepRunSerializer(runs, many=True).data  # type: ignore[return-value]
+
+    class Meta(SweepSerializer.Meta):
+        fields = [*SweepSerializer.Meta.fields, "runs"]
+        read_only_fields = fields
+
+
+class RunOptionsMixin(serializers.Serializer):
+    gpuwrap_config = GpuwrapConfigField(required=False, allow_null=True)
+    gpus = serializers.IntegerField(required=False, allow_null=True, min_value=0, max_value=64)
+    min_free_mem_mb = serializers.IntegerField(required=False, allow_null=True, min_value=0)
+    host = serializers.CharField(required=False, allow_null=True, allow_blank=True)
+    workdir = serializers.CharField(required=False, allow_blank=True, max_length=1000)
+    env = serializers.JSONField(required=False, allow_null=True)
+    priority = serializers.IntegerField(required=False, default=0, min_value=-1000, max_value=1000)
+
+
+class SweepCreateSerializer(RunOptionsMixin):
+    name = serializers.CharField(max_length=200)
+    base_command = serializers.CharField()
+    parameters = serializers.JSONField()
+    max_runs = serializers.IntegerField(required=False, allow_null=True, min_value=1)
+    goal = serializers.CharField(required=False, allow_blank=True)
+    auto_start = serializers.BooleanField(required=False, default=False)
+    chat_session_id = serializers.CharField(
+        required=False, allow_null=True, allow_blank=True, max_length=200
+    )
+    plan_id = serializers.CharField(required=False, allow_null=True, allow_blank=True)
+
+
+class WildSweepCreateSerializer(serializers.Serializer):
+    name = serializers.CharField(max_length=200)
+    goal = serializers.CharField(required=False, allow_blank=True)
+    chat_session_id = serializers.CharField(
+        required=False, allow_null=True, allow_blank=True, max_length=200
+    )
+    plan_id = serializers.CharField(required=False, allow_null=True, allow_blank=True)
+
+
+class PlanEventSerializer(serializers.ModelSerializer):
+    actor = serializers.SerializerMethodField()
+
+    class Meta:
+        model = PlanEvent
+        fields = ["from_status", "to_status", "comment", "actor", "actor_kind", "created_at"]
+        read_only_fields = fields
+
+    def get_actor(self, event: PlanEvent) -> str | None:
+        return event.actor_user.username if event.actor_user_id else None
+
+
+class PlanSerializer(serializers.ModelSerializer):
+    author = serializers.CharField(source="author.username", read_only=True)
+    reviewer = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Plan
+        fields = [
+            "id", "title", "goal", "status", "raw_markdown", "sections", "session_id", "author",
+            "reviewer", "review_comment", "decided_at", "gpu_hours_budget", "submitted_at",
+            "created_at", "updated_at",
+        ]
+        read_only_fields = fields
+
+    def get_reviewer(self, plan: Plan) -> str | None:
+        return plan.reviewer.username if plan.reviewer_id else None
+
+
+class PlanDetailSerializer(PlanSerializer):
+    events = PlanEventSerializer(many=True, read_only=True)
+
+    class Meta(PlanSerializer.Meta):
+        fields = [*PlanSerializer.Meta.fields, "events"]
+        read_only_fields = fields
+
+
+class PlanCreateSerializer(serializers.Serializer):
+    title = serializers.CharField(max_length=300)
+    goal = serializers.CharField(required=False, allow_blank=True)
+    session_id = serializers.CharField(
+        required=False, allow_null=True, allow_blank=True, max_length=200
+    )
+    raw_markdown = serializers.CharField(required=False, allow_blank=True)
+
+
+class PlanUpdateSerializer(serializers.Serializer):
+    title = serializers.CharField(max_length=300, required=False)
+    goal = serializers.CharField(required=False, allow_blank=True)
+    raw_markdown = serializers.CharField(required=False, allow_blank=True)
+
+
+class PlanDecisionSerializer(serializers.Serializer):
+    comment = serializers.CharField(required=False, allow_blank=True, default="")
+
+
+class PlanApproveSerializer(PlanDecisionSerializer):
+    gpu_hours_budget = serializers.FloatField(required=False, allow_null=True, min_value=0)
+
+
+class AlertSerializer(serializers.ModelSerializer):
+    run_id = serializers.CharField(allow_null=True, read_only=True)
+    responded_by = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Alert
+        fields = [
+            "id", "run_id", "severity", "message", "choices", "status", "response",
+            "responded_by", "responded_at", "created_at",
+        ]
+        read_only_fields = fields
+
+    def get_responded_by(self, alert: Alert) -> str | None:
+        return alert.responded_by.username if alert.responded_by_id else None
+
+
+class AlertRespondSerializer(serializers.Serializer):
+    choice = serializers.CharField()
+
+
+class PromptSkillSummarySerializer(serializers.Serializer):
+    id = serializers.CharField()
+    name = serializers.CharField()
+    description = serializers.CharField()
+    category = serializers.CharField()
+    variables = serializers.ListField(child=serializers.CharField())
+    source = serializers.CharField()
+
+
+class PromptSkillSerializer(PromptSkillSummarySerializer):
+    template = serializers.CharField()
+
+
+class PromptSkillUpdateSerializer(serializers.Serializer):
+    name = serializers.CharField(max_length=200, required=False)
+    description = serializers.CharField(required=False, allow_blank=True)
+    category = serializers.CharField(max_length=100, required=False, allow_blank=True)
+    variables = serializers.ListField(child=serializers.CharField(), required=False)
+    template = serializers.CharField(required=False)
+
+
+class RenderSerializer(serializers.Serializer):
+    variables = serializers.DictField(child=serializers.CharField(allow_blank=True), required=False)

@@ -1,0 +1,257 @@
+"""The lab's work: plans, sweeps, runs, their audit trail, GPU leases and alerts."""
+
+from __future__ import annotations
+
+import secrets
+
+from django.conf import settings
+from django.db import models
+from django.db.models import Q
+
+from experiments.choices import (
+    ActorKind,
+    AlertSeverity,
+    AlertStatus,
+    PlanStatus,
+    RunStatus,
+    SweepKind,
+)
+
+
+def new_id() -> str:
+    return secrets.token_hex(6)
+
+
+class Plan(models.Model):
+    """A research plan that a PI reviews; work linked to it waits for approval."""
+
+    id = models.CharField(primary_key=True, max_length=24, default=new_id, editable=False)
+    title = models.CharField(max_length=300)
+    goal = models.TextField(blank=True)
+    raw_markdown = models.TextField(blank=True)
+    sections = models.JSONField(default=dict, blank=True)
+    session_id = models.CharField(max_length=200, blank=True, db_index=True)
+    author = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="plans"
+    )
+    status = models.CharField(max_length=20, choices=PlanStatus.choices, default=PlanStatus.DRAFT)
+    reviewer = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        on_delete=models.SET_NULL,
+        null=True,
+        blank=True,
+        related_name="reviewed_plans",
+    )
+    review_comment = models.TextField(blank=True)
+    decided_at = models.DateTimeField(null=True, blank=True)
+    gpu_hours_budget = models.FloatField(null=True, blank=True)
+    submitted_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"{self.title} ({self.status})"
+
+
+class PlanEvent(models.Model):
+    """One decision on a plan: who moved it from what to what, and why."""
+
+    plan = models.ForeignKey(Plan, on_delete=models.CASCADE, related_name="events")
+    from_status = models.CharField(max_length=20, blank=True)
+    to_status = models.CharField(max_length=20)
+    comment = models.TextField(blank=True)
+    actor_kind = models.CharField(max_length=8, choices=ActorKind.choices)
+    actor_user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, blank=True
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["id"]
+
+
+class Sweep(models.Model):
+    """A group of runs: a parameter grid expanded at once, or a wild sweep an agent fills."""
+
+    id = models.CharField(primary_key=True, max_length=24, default=new_id, editable=False)
+    name = models.CharField(max_length=200)
+    goal = models.TextField(blank=True)
+    plan = models.ForeignKey(
+        Plan, on_delete=models.SET_NULL, null=True, blank=True, related_name="sweeps"
+    )
+    kind = models.CharField(max_length=8, choices=SweepKind.choices, default=SweepKind.GRID)
+    base_command = models.TextField(blank=True)
+    parameters = models.JSONField(default=dict, blank=True)
+    max_runs = models.PositiveIntegerField(null=True, blank=True)
+    chat_session_id = models.CharField(max_length=200, blank=True, db_index=True)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="sweeps"
+    )
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class Run(models.Model):
+    """One command run on one host; its status only changes through services.run_transition."""
+
+    id = models.CharField(primary_key=True, max_length=24, default=new_id, editable=False)
+    name = models.CharField(max_length=200)
+    command = models.TextField()
+    workdir = models.CharField(max_length=1000, blank=True)
+    env = models.JSONField(default=dict, blank=True)
+    sweep = models.ForeignKey(
+        Sweep, on_delete=models.SET_NULL, null=True, blank=True, related_name="runs"
+    )
+    plan = models.ForeignKey(
+        Plan, on_delete=models.SET_NULL, null=True, blank=True, related_name="runs"
+    )
+    params = models.JSONField(default=dict, blank=True)
+    status = models.CharField(max_length=12, choices=RunStatus.choices, default=RunStatus.READY)
+    reason = models.CharField(max_length=40, blank=True)
+    error = models.TextField(blank=True)
+    priority = models.IntegerField(default=0)
+    gpus = models.PositiveIntegerField(default=0)
+    min_free_mem_mb = models.PositiveIntegerField(null=True, blank=True)
+    gpuwrap_config = models.JSONField(default=dict, blank=True)
+    host = models.ForeignKey(
+        "clusters.Host", on_delete=models.PROTECT, null=True, blank=True, related_name="runs"
+    )
+    exit_code = models.IntegerField(null=True, blank=True)
+    pid = models.IntegerField(null=True, blank=True)
+    slurm_job_id = models.CharField(max_length=40, blank=True)
+    chat_session_id = models.CharField(max_length=200, blank=True)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="runs"
+    )
+    parent = models.ForeignKey(
+        "self", on_delete=models.SET_NULL, null=True, blank=True, related_name="reruns"
+    )
+    stop_requested_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    held_at = models.DateTimeField(null=True, blank=True)
+    queued_at = models.DateTimeField(null=True, blank=True)
+    launched_at = models.DateTimeField(null=True, blank=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    ended_at = models.DateTimeField(null=True, blank=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        indexes = [
+            models.Index(fields=["-created_at", "-id"], name="run_newest"),
+            models.Index(fields=["status", "priority", "queued_at"], name="run_status_queue"),
+            models.Index(fields=["chat_session_id", "-created_at"], name="run_session"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.status})"
+
+
+class RunEvent(models.Model):
+    """The audit trail: every state change and decision about a run."""
+
+    run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="events")
+    from_status = models.CharField(max_length=12, blank=True)
+    to_status = models.CharField(max_length=12, blank=True)
+    reason = models.CharField(max_length=40, blank=True)
+    message = models.TextField(blank=True)
+    actor_kind = models.CharField(max_length=8, choices=ActorKind.choices)
+    actor_user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, blank=True
+    )
+    actor_token = models.ForeignKey(
+        "labsite.ApiToken", on_delete=models.SET_NULL, null=True, blank=True
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["id"]
+        indexes = [models.Index(fields=["to_status", "id"], name="runevent_to_status")]
+
+    def __str__(self) -> str:
+        return f"{self.run_id}: {self.from_status or '-'} -> {self.to_status} ({self.reason})"
+
+
+class GpuLease(models.Model):
+    """A GPU given to a run; the partial unique constraint allows one active lease per GPU."""
+
+    gpu = models.ForeignKey("clusters.Gpu", on_delete=models.PROTECT, related_name="leases")
+    run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="leases")
+    created_at = models.DateTimeField(auto_now_add=True)
+    released_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["gpu"],
+                condition=Q(released_at__isnull=True),
+                name="one_active_lease_per_gpu",
+            )
+        ]
+
+
+class Alert(models.Model):
+    """Something a person or agent must look at, with the answers it accepts."""
+
+    run = models.ForeignKey(
+        Run, on_delete=models.CASCADE, null=True, blank=True, related_name="alerts"
+    )
+    severity = models.CharField(
+        max_length=8, choices=AlertSeverity.choices, default=AlertSeverity.WARNING
+    )
+    message = models.TextField()
+    choices = models.JSONField(default=list, blank=True)
+    status = models.CharField(max_length=8, choices=AlertStatus.choices, default=AlertStatus.OPEN)
+    response = models.CharField(max_length=100, blank=True)
+    responded_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, blank=True
+    )
+    responded_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"[{self.severity}] {self.message[:60]}"
+
+
+class AgentCursor(models.Model):
+    """What an agent session (of one user) has already been told by the events endpoint."""
+
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE)
+    session_id = models.CharField(max_length=200)
+    last_run_event_id = models.BigIntegerField(default=0)
+    last_alert_id = models.BigIntegerField(default=0)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["user", "session_id"], name="one_cursor_per_session")
+        ]
+
+
+class PromptSkill(models.Model):
+    """An edited prompt skill; skills shipped in the repository are the defaults."""
+
+    id = models.SlugField(primary_key=True, max_length=100)
+    name = models.CharField(max_length=200)
+    description = models.TextField(blank=True)
+    category = models.CharField(max_length=100, blank=True)
+    variables = models.JSONField(default=list, blank=True)
+    template = models.TextField()
+    updated_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, blank=True
+    )
+    updated_at = models.DateTimeField(auto_now=True)
+
+    def __str__(self) -> str:
+        return self.id

@@ -1,0 +1,240 @@
+"""Reads: the lab's state as the API and pages show it. Never SSH; the database only."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from django.conf import settings
+from django.db.models import Count, Prefetch, Q, QuerySet
+
+from clusters.choices import HostKind
+from clusters.models import Gpu, Host
+from clusters.services import gpu_policy_for
+from experiments.choices import RunStatus
+from experiments.models import Alert, GpuLease, Run, RunEvent, Sweep
+
+GPU_FREE = "free"
+GPU_LEASED = "leased"
+GPU_FOREIGN = "busy_foreign"
+GPU_BUSY = "busy"
+
+
+def runs_list() -> QuerySet[Run]:
+    """Runs newest first, with what a page of them shows, in a fixed number of queries."""
+    return Run.objects.select_related("host", "created_by").prefetch_related(
+        Prefetch(
+            "leases",
+            queryset=GpuLease.objects.filter(released_at__isnull=True).select_related("gpu"),
+            to_attr="active_leases",
+        )
+    )
+
+
+def run_status_counts(queryset: QuerySet[Run] | None = None) -> dict[str, int]:
+    qs = Run.objects.all() if queryset is None else queryset
+    counts = dict(
+        qs.order_by().values_list("status").annotate(n=Count("id")).values_list("status", "n")
+    )
+    return {status: counts.get(status, 0) for status in RunStatus.values}
+
+
+def gpu_state(gpu: Gpu, *, leased: bool, host: Host) -> str:
+    """free, leased (to a Labsite run), busy_foreign (someone else's process), or busy."""
+    if leased:
+        return GPU_LEASED
+    if gpu.processes:
+        return GPU_FOREIGN
+    policy = gpu_policy_for(host)
+    if gpu.memory_used_mb > policy.max_memory_used_mb or gpu.utilization_pct > policy.max_utilization_pct:
+        return GPU_BUSY
+    return GPU_FREE
+
+
+def cluster_state() -> dict[str, Any]:
+    """The lab as the latest inventory knows it: cluster type, hosts, GPUs, totals, runs."""
+    hosts = list(
+        Host.objects.filter(enabled=True).prefetch_related(
+            Prefetch("gpus", queryset=Gpu.objects.filter(present=True).order_by("index"))
+        )
+    )
+    leased_ids = set(
+        GpuLease.objects.filter(released_at__isnull=True).values_list("gpu_id", "run_id")
+    )
+    lease_by_gpu = dict(leased_ids)
+    totals: Counter[str] = Counter()
+    host_rows = []
+    slurm_gpus = 0
+    for host in hosts:
+        gpu_rows = []
+        for gpu in host.gpus.all():
+            state = gpu_state(gpu, leased=gpu.id in lease_by_gpu, host=host)
+            totals[state] += 1
+            gpu_rows.append(
+                {
+                    "index": gpu.index,
+                    "uuid": gpu.uuid,
+                    "name": gpu.name,
+                    "memory_total_mb": gpu.memory_total_mb,
+                    "memory_used_mb": gpu.memory_used_mb,
+                    "utilization_pct": gpu.utilization_pct,
+                    "processes": gpu.processes,
+                    "state": state,
+                    "run_id": lease_by_gpu.get(gpu.id),
+                    "updated_at": gpu.updated_at,
+                }
+            )
+        if host.kind == HostKind.SLURM:
+            slurm_gpus += sum(p.get("gpus", 0) for p in host.facts.get("partitions", []))
+        host_rows.append(
+            {
+                "name": host.name,
+                "kind": host.kind,
+                "state": host.state,
+                "note": host.state_note,
+                "gpu_source": host.gpu_source,
+                "last_seen_at": host.last_seen_at,
+                "inventory_at": host.inventory_at,
+                "gpu_count": len(gpu_rows),
+                "gpus": gpu_rows,
+                **({"slurm": host.facts} if host.kind == HostKind.SLURM else {}),
+            }
+        )
+    direct_gpus = sum(totals.values())
+    if any(h.kind == HostKind.SLURM for h in hosts):
+        cluster_type = "slurm"
+    elif direct_gpus:
+        cluster_type = "local_gpu"
+    else:
+        cluster_type = "cpu_only"
+    counts = run_status_counts()
+    return {
+        "type": cluster_type,
+        "gpu_count": direct_gpus + slurm_gpus,
+        "gpus": {
+            "total": direct_gpus + slurm_gpus,
+            "free": totals[GPU_FREE],
+            "leased": totals[GPU_LEASED],
+            "busy_foreign": totals[GPU_FOREIGN],
+            "busy": totals[GPU_BUSY],
+        },
+        "hosts": host_rows,
+        "runs": counts,
+        "capacity": capacity(counts=counts, gpu_total=direct_gpus + slurm_gpus, gpu_free=totals[GPU_FREE]),
+    }
+
+
+def capacity(*, counts: dict[str, int], gpu_total: int, gpu_free: int) -> dict[str, Any]:
+    """max_new_runs = max(0, min(q, g - r)).
+
+    q: room left in the queue (the lab's MAX_QUEUED_RUNS minus what is queued);
+    g: run slots (GPUs, or the lab's CPU_RUN_SLOTS where there is no GPU);
+    r: runs already holding or waiting for a slot (launching, running, queued).
+    """
+    lab = settings.LABSITE
+    queued = counts.get(RunStatus.QUEUED, 0)
+    active = counts.get(RunStatus.RUNNING, 0) + counts.get(RunStatus.LAUNCHING, 0)
+    slots = gpu_total if gpu_total else lab["CPU_RUN_SLOTS"]
+    q = lab["MAX_QUEUED_RUNS"] - queued
+    return {
+        "gpu_total": gpu_total,
+        "gpu_free": gpu_free,
+        "slots": slots,
+        "slot_kind": "gpu" if gpu_total else "cpu",
+        "max_new_runs": max(0, min(q, slots - active - queued)),
+    }
+
+
+def system_health() -> dict[str, Any]:
+    """Counts only: safe to show without a token (no host, command or user data)."""
+    state = cluster_state()
+    counts = state["runs"]
+    return {
+        "status": "ok",
+        "running": counts[RunStatus.RUNNING] + counts[RunStatus.LAUNCHING],
+        "queued": counts[RunStatus.QUEUED],
+        "held": counts[RunStatus.HELD],
+        "ready": counts[RunStatus.READY],
+        "completed": counts[RunStatus.FINISHED],
+        "failed": counts[RunStatus.FAILED],
+        "stopped": counts[RunStatus.STOPPED],
+        "total": sum(counts.values()),
+        "cluster_type": state["type"],
+        **{k: v for k, v in state["capacity"].items()},
+        "gpu_leased": state["gpus"]["leased"],
+        "gpu_busy_foreign": state["gpus"]["busy_foreign"],
+    }
+
+
+def session_run_events(
+    *, user: Any, session_id: str, after_id: int, see_all: bool
+) -> QuerySet[RunEvent]:
+    """Finished and failed transitions of the session's runs, after a cursor."""
+    qs = RunEvent.objects.filter(
+        id__gt=after_id,
+        to_status__in=[RunStatus.FINISHED, RunStatus.FAILED],
+        run__chat_session_id=session_id,
+    )
+    if not see_all:
+        qs = qs.filter(run__created_by=user)
+    return qs.select_related("run").order_by("id")
+
+
+def session_alerts(*, user: Any, session_id: str, after_id: int, see_all: bool) -> QuerySet[Alert]:
+    qs = Alert.objects.filter(id__gt=after_id, run__chat_session_id=session_id)
+    if not see_all:
+        qs = qs.filter(run__created_by=user)
+    return qs.select_related("run").order_by("id")
+
+
+def sweeps_list() -> QuerySet[Sweep]:
+    """Sweeps with their run counts per status, in one query."""
+    return Sweep.objects.select_related("created_by").annotate(
+        **{f"n_{s}": Count("runs", filter=Q(runs__status=s)) for s in RunStatus.values}
+    )
+
+
+def sweep_counts(sweep: Sweep) -> dict[str, int]:
+    if hasattr(sweep, f"n_{RunStatus.READY}"):
+        return {s: getattr(sweep, f"n_{s}") for s in RunStatus.values}
+    return run_status_counts(sweep.runs.all())
+
+
+def sweep_status(counts: dict[str, int]) -> str:
+    """A sweep's status, derived from its runs: never stored, so never stale."""
+    if not sum(counts.values()):
+        return "empty"
+    for status in (RunStatus.RUNNING, RunStatus.LAUNCHING):
+        if counts[status]:
+            return "running"
+    for status in (RunStatus.QUEUED, RunStatus.HELD, RunStatus.READY):
+        if counts[status]:
+            return str(status)
+    if counts[RunStatus.FAILED]:
+        return "failed"
+    if counts[RunStatus.FINISHED]:
+        return "finished"
+    return "stopped"
+
+
+def service_health() -> dict[str, Any]:
+    """Whether the database and the broker answer (a quick round trip to each)."""
+    from django.db import connection
+
+    result: dict[str, Any] = {"status": "ok"}
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT 1")
+        result["database"] = "ok"
+    except Exception as exc:  # noqa: BLE001 - reported, not raised
+        result["database"] = f"error: {type(exc).__name__}"
+        result["status"] = "degraded"
+    try:
+        import redis
+
+        redis.Redis.from_url(settings.REDIS_URL, socket_timeout=1, socket_connect_timeout=1).ping()
+        result["broker"] = "ok"
+    except Exception as exc:  # noqa: BLE001
+        result["broker"] = f"error: {type(exc).__name__}"
+        result["status"] = "degraded"
+    return result

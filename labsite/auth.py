@@ -1,0 +1,45 @@
+"""Token authentication: X-Auth-Token, Authorization: Token, and Authorization: Bearer."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.utils import timezone
+from rest_framework import authentication, exceptions
+
+from labsite.models import ApiToken, hash_token
+
+
+def raw_token_from(request: Any) -> str | None:
+    """The raw token the request carries, in any of the three accepted headers."""
+    header = request.META.get("HTTP_X_AUTH_TOKEN")
+    if header:
+        return str(header.strip())
+    auth = request.META.get("HTTP_AUTHORIZATION", "")
+    scheme, _, value = auth.partition(" ")
+    if scheme.lower() in ("token", "bearer") and value.strip():
+        return str(value.strip())
+    return None
+
+
+class ApiTokenAuthentication(authentication.BaseAuthentication):
+    """Looks the token's hash up; a present but wrong token is a 401, never anonymous."""
+
+    def authenticate(self, request: Any) -> tuple[Any, ApiToken] | None:
+        raw = raw_token_from(request)
+        if raw is None:
+            return None
+        token = (
+            ApiToken.objects.select_related("user")
+            .filter(key_hash=hash_token(raw), revoked=False)
+            .first()
+        )
+        if token is None or not token.user.is_active:
+            raise exceptions.AuthenticationFailed("Invalid or revoked token.")
+        now = timezone.now()
+        if token.last_used_at is None or (now - token.last_used_at).total_seconds() > 60:
+            ApiToken.objects.filter(pk=token.pk).update(last_used_at=now)
+        return token.user, token
+
+    def authenticate_header(self, request: Any) -> str:
+        return "Token"

@@ -1,0 +1,63 @@
+"""Inventory parsing and the free-GPU policy (pure logic), against captured real outputs."""
+
+import pytest
+
+from clusters import gpus
+from clusters.services import parse_sinfo
+
+# Captured from a real H100 node (nvidia-smi 550): 81559 MiB total.
+H100_QUERY = """0, GPU-5c1e3f0a-9d3b-7a45-1c2e-8f6b0d2a4c11, NVIDIA H100 80GB HBM3, 81559, 1, 0
+1, GPU-a2b7d9e4-6c1f-4b3a-9e8d-2f5c7a1b3d90, NVIDIA H100 80GB HBM3, 81559, 40969, 97
+"""
+H100_APPS = "GPU-a2b7d9e4-6c1f-4b3a-9e8d-2f5c7a1b3d90, 48213, 40960\n"
+
+
+def test_parses_real_h100_rows_and_attaches_processes():
+    states = gpus.merge(gpus.parse_query_gpu(H100_QUERY), gpus.parse_query_apps(H100_APPS))
+    assert [g.index for g in states] == [0, 1]
+    assert states[0].memory_total_mb == 81559
+    assert states[0].processes == []
+    assert states[1].processes == [gpus.GpuProcess(pid=48213, used_memory_mb=40960)]
+    assert states[1].utilization_pct == 97
+
+
+def test_not_supported_fields_read_as_zero():
+    [gpu] = gpus.parse_query_gpu("0, GPU-1, Tesla T4, 15360, [N/A], [Not Supported]\n")
+    assert (gpu.memory_used_mb, gpu.utilization_pct) == (0, 0)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver",
+     "0, GPU-1, A100, lots, 1, 0", "0, not-a-uuid, A100, 1, 1, 0"],
+)
+def test_garbage_is_an_inventory_error_not_a_busy_gpu(text):
+    with pytest.raises(gpus.InventoryError):
+        gpus.parse_query_gpu(text)
+
+
+def test_no_running_processes_line_is_empty():
+    assert gpus.parse_query_apps("No running processes found\n") == {}
+
+
+def test_free_policy():
+    policy = gpus.GpuPolicy(max_memory_used_mb=1024, max_utilization_pct=20)
+    idle = gpus.GpuState(0, "GPU-a", "A100", 81920, 4, 0)
+    assert gpus.is_free(idle, policy)
+    assert not gpus.is_free(idle, policy, leased=True)
+    hot = gpus.GpuState(1, "GPU-b", "A100", 81920, 4, 55)
+    assert not gpus.is_free(hot, policy)
+    full = gpus.GpuState(2, "GPU-c", "A100", 81920, 2048, 0)
+    assert not gpus.is_free(full, policy)
+    foreign = gpus.GpuState(3, "GPU-d", "A100", 81920, 500, 0, [gpus.GpuProcess(77, 500)])
+    assert not gpus.is_free(foreign, policy)
+    assert gpus.is_free(foreign, policy, our_pids=[77])
+
+
+def test_sinfo_summary_counts_gpus_per_partition():
+    out = "gpu*|2|gpu:a100:4(S:0-1)|idle\ngpu*|1|gpu:a100:4|mixed\ncpu|8|(null)|idle\n"
+    facts = parse_sinfo(out)
+    by_name = {p["name"]: p for p in facts["partitions"]}
+    assert by_name["gpu"]["gpus"] == 12 and by_name["gpu"]["default"] is True
+    assert by_name["gpu"]["states"] == {"idle": 2, "mixed": 1}
+    assert by_name["cpu"]["gpus"] == 0 and by_name["cpu"]["nodes"] == 8
