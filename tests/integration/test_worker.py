@@ -1,0 +1,30 @@
+"""A real Celery worker, fed through real Redis, writing to real PostgreSQL."""
+
+from __future__ import annotations
+
+import time
+
+from clusters.models import Host
+from clusters.tasks import refresh_local_inventory
+
+
+def wait_for(predicate, timeout: float = 30.0, interval: float = 0.1):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout} s")
+
+
+def test_worker_runs_the_inventory_task_and_writes_the_database(celery_worker):
+    """GIVEN a worker WHEN the inventory task is sent through Redis THEN host `local` is recorded."""
+    assert not Host.objects.filter(name="local").exists()
+    refresh_local_inventory.delay()
+    host = wait_for(lambda: Host.objects.filter(name="local", inventory_at__isnull=False).first())
+    assert host.kind == "local"
+    assert host.state == "online"
+    # This machine has no GPU: the host is a CPU host with a note saying why, not "busy".
+    if not host.gpus.exists():
+        assert host.state_note.startswith("CPU host")
