@@ -196,6 +196,7 @@ def run_create(
         raise ValidationError({"host": f"host {host.name} is disabled"})
     clean_env = _check_env(env)
     effective_plan = _effective_plan(plan=plan, sweep=sweep)
+    _check_plan_link(effective_plan)
     if (
         settings.LABSITE["REQUIRE_PLAN_FOR_GPU_WORK"]
         and gpus > 0
@@ -447,16 +448,29 @@ def _section_key(title: str) -> str | None:
 
 
 def parse_plan_sections(markdown: str) -> dict[str, str]:
-    """The known sections of a plan's markdown, keyed by their canonical names."""
+    """The known sections of a plan's markdown, keyed by their canonical names.
+
+    A known heading starts a section; an unknown heading of the same or a higher level ends
+    it; deeper headings and `# comments` inside fenced code stay part of it.
+    """
     sections: dict[str, list[str]] = {}
     current: str | None = None
+    level = 0
+    fenced = False
     for line in (markdown or "").splitlines():
-        match = _HEADING.match(line)
+        if line.lstrip().startswith(("```", "~~~")):
+            fenced = not fenced
+        match = None if fenced else _HEADING.match(line)
         if match:
-            current = _section_key(re.sub(r"^\d+[.)]\s*", "", match.group(1)))
-            if current is not None:
+            depth = len(line) - len(line.lstrip("#"))
+            key = _section_key(re.sub(r"^\d+[.)]\s*", "", match.group(1)))
+            if key is not None:
+                current, level = key, depth
                 sections.setdefault(current, [])
-            continue
+                continue
+            if current is not None and depth <= level:
+                current = None
+                continue
         if current is not None:
             sections[current].append(line)
     return {k: "\n".join(v).strip() for k, v in sections.items()}

@@ -268,12 +268,13 @@ def test_sweep_of_finished_runs_is_finished(member):
     assert detail["status"] == "finished" and detail["progress"]["done"] == 2
 
 
-def test_plan_status_is_not_confused_with_sweep_status(member, pi):
+def test_held_grid_becomes_queued_when_its_plan_is_approved(member, pi):
     """A held grid becomes queued once its plan is approved (status read from the runs)."""
     plan = services.plan_submit(
         plan=services.plan_create(actor=_actor(member), title="p"), actor=_actor(member)
     )
-    sweep_id = _grid(member, parameters={"a": [1, 2]}, auto_start=True, plan_id=plan.id).json()["id"]
+    created = _grid(member, parameters={"a": [1, 2]}, auto_start=True, plan_id=plan.id)
+    sweep_id = created.json()["id"]
     assert member.client.get(f"/api/sweeps/{sweep_id}").json()["status"] == "held"
     services.plan_approve(plan=plan, actor=_actor(pi))
     assert plan.status == PlanStatus.APPROVED
