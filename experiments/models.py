@@ -135,6 +135,13 @@ class Run(models.Model):
         "self", on_delete=models.SET_NULL, null=True, blank=True, related_name="reruns"
     )
     stop_requested_at = models.DateTimeField(null=True, blank=True)
+    # Why a queued run still waits ("needs 2 GPUs; 1 free on gpu-node-1"), set by the scheduler.
+    waiting_reason = models.CharField(max_length=500, blank=True)
+    # How much of the host's output.log / metrics.jsonl the server has copied.
+    log_size = models.BigIntegerField(default=0)
+    metrics_offset = models.BigIntegerField(default=0)
+    metrics_latest = models.JSONField(default=dict, blank=True)
+    dispatch_attempts = models.PositiveIntegerField(default=0)
     created_at = models.DateTimeField(auto_now_add=True)
     held_at = models.DateTimeField(null=True, blank=True)
     queued_at = models.DateTimeField(null=True, blank=True)
@@ -222,6 +229,19 @@ class Alert(models.Model):
 
     def __str__(self) -> str:
         return f"[{self.severity}] {self.message[:60]}"
+
+
+class Metric(models.Model):
+    """One metric value a run logged to metrics.jsonl, stored once when the poller copies it."""
+
+    run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="metrics")
+    key = models.CharField(max_length=200)
+    step = models.BigIntegerField(null=True, blank=True)
+    value = models.FloatField()
+    seq = models.PositiveIntegerField(default=0)
+
+    class Meta:
+        indexes = [models.Index(fields=["run", "key", "seq"], name="metric_series")]
 
 
 class AgentCursor(models.Model):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from typing import Any
 
@@ -238,3 +239,59 @@ def service_health() -> dict[str, Any]:
         result["broker"] = f"error: {type(exc).__name__}"
         result["status"] = "degraded"
     return result
+
+
+def collapse_carriage_returns(text: str) -> str:
+    """A tqdm bar rewrites its line with \\r: show each line as it last looked."""
+    out = []
+    for line in text.split("\n"):
+        if "\r" in line:
+            parts = [p for p in line.split("\r") if p]
+            line = parts[-1] if parts else ""
+        out.append(line)
+    return "\n".join(out)
+
+
+def run_log(run: Run, *, offset: int, limit: int) -> dict[str, Any]:
+    """A byte window of the server's copy of the run's output (never read from the host)."""
+    from experiments.runner import log_path
+
+    path = log_path(run.id)
+    try:
+        total = path.stat().st_size
+    except OSError:
+        total = 0
+    start = offset if offset >= 0 else max(0, total + offset)
+    start = min(start, total)
+    end = min(total, start + limit)
+    data = b""
+    if end > start:
+        with path.open("rb") as f:
+            f.seek(start)
+            data = f.read(end - start)
+    return {
+        "run_id": run.id,
+        "content": collapse_carriage_returns(data.decode("utf-8", errors="replace")),
+        "offset": start,
+        "next_offset": end,
+        "total_size": total,
+        "has_more_before": start > 0,
+        "has_more_after": end < total,
+    }
+
+
+def run_metrics(run: Run, *, max_points: int = 2000) -> dict[str, Any]:
+    """Series per key ({step, value}, downsampled for charts) and the latest values."""
+    from experiments.models import Metric
+
+    series: dict[str, list[dict[str, Any]]] = {}
+    for key, step, value in (
+        Metric.objects.filter(run=run).order_by("key", "seq").values_list("key", "step", "value")
+    ):
+        series.setdefault(key, []).append({"step": step, "value": value})
+    for key, points in series.items():
+        if len(points) > max_points:
+            stride = math.ceil(len(points) / max_points)
+            series[key] = points[::stride] + ([points[-1]] if (len(points) - 1) % stride else [])
+    latest = {k: v["value"] for k, v in run.metrics_latest.items()}
+    return {"run_id": run.id, "series": series, "latest": latest}

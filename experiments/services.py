@@ -180,6 +180,7 @@ def run_create(
     chat_session_id: str = "",
     auto_start: bool = False,
     parent: Run | None = None,
+    kick: bool = True,
 ) -> Run:
     """Create a run: `queued` (or `held` behind an unapproved plan) with auto_start, else `ready`."""
     command = (command or "").strip()
@@ -238,6 +239,8 @@ def run_create(
             actor_user_id=actor.user_id,
             actor_token=actor.token,
         )
+        if kick and status == RunStatus.QUEUED:
+            scheduler_kick()
     return run
 
 
@@ -254,6 +257,8 @@ def run_start(*, run: Run, actor: Actor) -> Run:
     if not run_transition(run_id=run.id, to=to, from_=[RunStatus.READY], actor=actor, reason=reason):
         run.refresh_from_db()
         raise Conflict(f"run {run.id} is {run.status}; only a ready run can be started")
+    if to == RunStatus.QUEUED:
+        scheduler_kick()
     run.refresh_from_db()
     return run
 
@@ -305,6 +310,11 @@ def run_rerun(*, run: Run, actor: Actor) -> Run:
         auto_start=True,
         parent=run,
     )
+
+
+def scheduler_kick() -> None:
+    """Ask for a scheduler pass once the current transaction commits (cheap when one runs)."""
+    transaction.on_commit(lambda: _enqueue("experiments.tasks.schedule"))
 
 
 def _enqueue(task_name: str, *args: Any) -> None:
@@ -426,8 +436,11 @@ def sweep_create_grid(
                 params=point,
                 auto_start=auto_start,
                 chat_session_id=chat_session_id,
+                kick=False,
                 **options,
             )
+        if auto_start:
+            scheduler_kick()
     return sweep
 
 
@@ -590,11 +603,13 @@ def plan_approve(
             "gpu_hours_budget": gpu_hours_budget,
         },
     )
-    for run_id in _plan_runs(plan, [RunStatus.HELD]):
-        run_transition(
-            run_id=run_id, to=RunStatus.QUEUED, from_=[RunStatus.HELD], actor=actor,
-            reason="plan_approved", message=f"plan {plan.id} approved",
-        )
+    with transaction.atomic():
+        for run_id in _plan_runs(plan, [RunStatus.HELD]):
+            run_transition(
+                run_id=run_id, to=RunStatus.QUEUED, from_=[RunStatus.HELD], actor=actor,
+                reason="plan_approved", message=f"plan {plan.id} approved",
+            )
+        scheduler_kick()
     return plan
 
 

@@ -17,8 +17,12 @@ app.autodiscover_tasks()
 def _beat_schedule(sender: Celery, **_: object) -> None:
     from django.conf import settings
 
-    sender.add_periodic_task(
-        settings.LABSITE["INVENTORY_INTERVAL_SECONDS"],
-        sender.signature("clusters.tasks.refresh_local_inventory"),
-        name="refresh local inventory",
-    )
+    lab = settings.LABSITE
+    for interval, task in [
+        (lab["INVENTORY_INTERVAL_SECONDS"], "clusters.tasks.refresh_local_inventory"),
+        (lab["POLL_INTERVAL_SECONDS"], "experiments.tasks.poll_all"),
+        (lab["SCHEDULE_INTERVAL_SECONDS"], "experiments.tasks.schedule"),
+        (lab["RECONCILE_INTERVAL_SECONDS"], "experiments.tasks.reconcile"),
+    ]:
+        # A tick that could not run in time is dropped, not piled up behind the next one.
+        sender.add_periodic_task(interval, sender.signature(task, expires=interval), name=task)

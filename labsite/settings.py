@@ -183,6 +183,10 @@ CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 3600}
 CELERY_TASK_ALWAYS_EAGER = env_bool("CELERY_TASK_ALWAYS_EAGER", False)
 CELERY_BEAT_SCHEDULE_FILENAME = str(DATA_DIR / "celerybeat-schedule")
+# A broker outage must not hang a web request: publish fails fast, the periodic passes catch up.
+CELERY_TASK_PUBLISH_RETRY_POLICY = {
+    "max_retries": 2, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.5
+}
 
 # Lab policy (lab-wide defaults; hosts may override the GPU thresholds).
 LABSITE = {
@@ -195,6 +199,9 @@ LABSITE = {
     "LOCAL_HOST_ENABLED": env_bool("LABSITE_LOCAL_HOST_ENABLED", True),
     "STOP_GRACE_SECONDS": env_float("LABSITE_STOP_GRACE_SECONDS", 10.0, minimum=0),
     "INVENTORY_INTERVAL_SECONDS": env_float("LABSITE_INVENTORY_INTERVAL_SECONDS", 30.0, minimum=1),
+    "POLL_INTERVAL_SECONDS": env_float("LABSITE_POLL_INTERVAL_SECONDS", 2.0, minimum=0.1),
+    "SCHEDULE_INTERVAL_SECONDS": env_float("LABSITE_SCHEDULE_INTERVAL_SECONDS", 5.0, minimum=0.1),
+    "RECONCILE_INTERVAL_SECONDS": env_float("LABSITE_RECONCILE_INTERVAL_SECONDS", 60.0, minimum=1),
     "SINFO_TIMEOUT_SECONDS": env_float("LABSITE_SINFO_TIMEOUT_SECONDS", 5.0, minimum=0.1),
 }
 

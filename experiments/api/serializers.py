@@ -33,6 +33,7 @@ class RunSerializer(serializers.ModelSerializer):
             "id", "name", "status", "reason", "error", "command", "workdir", "env", "params",
             "sweep_id", "plan_id", "parent_id", "priority", "gpus", "min_free_mem_mb",
             "gpuwrap_config", "host", "leased_gpus", "exit_code", "pid", "slurm_job_id",
+            "waiting_reason", "metrics_latest", "log_size",
             "chat_session_id", "created_by", "stop_requested_at", "created_at", "held_at",
             "queued_at", "launched_at", "started_at", "ended_at", "updated_at",
         ]

@@ -115,6 +115,31 @@ class RunViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gene
         run = services.run_stop(run=self.get_object(), actor=Actor.from_request(request))
         return Response(self._out(run))
 
+    @extend_schema(
+        parameters=[
+            OpenApiParameter("offset", int, description="byte offset; negative counts from the end"),
+            OpenApiParameter("limit", int, description="bytes to return (default 65536, max 4 MiB)"),
+        ],
+        responses=OpenApiTypes.OBJECT,
+    )
+    @action(detail=True, methods=["get"])
+    def logs(self, request: Request, pk: str) -> Response:
+        """The run's output (stdout and stderr), as copied from its host by the poller."""
+        try:
+            offset = int(request.query_params.get("offset", 0))
+            limit = int(request.query_params.get("limit", 65536))
+        except ValueError as exc:
+            raise ValidationError({"offset": "offset and limit must be integers"}) from exc
+        if not 0 < limit <= 4 * 2**20:
+            raise ValidationError({"limit": "limit must be between 1 and 4194304 bytes"})
+        return Response(selectors.run_log(self.get_object(), offset=offset, limit=limit))
+
+    @extend_schema(responses=OpenApiTypes.OBJECT)
+    @action(detail=True, methods=["get"])
+    def metrics(self, request: Request, pk: str) -> Response:
+        """Metric series {key: [{step, value}]} from metrics.jsonl, and the latest values."""
+        return Response(selectors.run_metrics(self.get_object()))
+
     @extend_schema(request=None, responses={201: s.RunSerializer})
     @action(detail=True, methods=["post"])
     def rerun(self, request: Request, pk: str) -> Response:

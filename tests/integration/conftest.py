@@ -72,6 +72,15 @@ def stop_process_group(proc: subprocess.Popen[bytes], timeout: float = 15) -> No
         proc.wait()
 
 
+# Short timers so tests see polls and passes quickly (the defaults are for a lab).
+FAST_TIMERS = {
+    "LABSITE_POLL_INTERVAL_SECONDS": "0.5",
+    "LABSITE_SCHEDULE_INTERVAL_SECONDS": "1",
+    "LABSITE_RECONCILE_INTERVAL_SECONDS": "5",
+    "LABSITE_STOP_GRACE_SECONDS": "2",
+}
+
+
 @pytest.fixture
 def celery_worker(transactional_db: None, tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
     """A real `celery worker` process on the test database and the test Redis db."""
@@ -79,9 +88,10 @@ def celery_worker(transactional_db: None, tmp_path: Path) -> Iterator[subprocess
     log = (tmp_path / "worker.log").open("wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "celery", "-A", "labsite", "worker", "--loglevel=INFO",
-         "--concurrency=2", "--without-gossip", "--without-mingle",
-         "-n", f"test-{os.getpid()}@%h"],
-        cwd=ROOT, env=child_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+         "--concurrency=4", "--without-gossip", "--without-mingle", "-B",
+         "--schedule", str(tmp_path / "beat-schedule"), "-n", f"test-{os.getpid()}@%h"],
+        cwd=ROOT, env=child_env(**FAST_TIMERS), stdout=log, stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     from labsite.celery import app
 

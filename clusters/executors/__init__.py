@@ -1,0 +1,95 @@
+"""Executors launch, poll and cancel processes described by a plain LaunchSpec.
+
+One protocol (protocol.py), several transports: the server itself (subprocess) and SSH hosts
+(a pooled paramiko connection). clusters/ never imports experiments/.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import dataclass
+from typing import Protocol
+
+from clusters.executors import protocol
+from clusters.executors.protocol import LaunchSpec, ProtocolError, RunRef, RunReport
+
+__all__ = [
+    "Executor", "LaunchSpec", "LocalTransport", "ProtocolError", "RunRef", "RunReport",
+    "TransportError", "executor_for",
+]
+
+
+class TransportError(Exception):
+    """The host could not be reached or did not answer in time (nothing is known of its runs)."""
+
+
+@dataclass(frozen=True)
+class Result:
+    code: int
+    stdout: str
+    stderr: str
+
+
+class Transport(Protocol):
+    def run(self, interpreter: str, script: str, timeout: float) -> Result: ...
+
+
+class LocalTransport:
+    """Runs protocol scripts on the server itself."""
+
+    def run(self, interpreter: str, script: str, timeout: float) -> Result:
+        # The server's own interpreter, isolated: no site-packages or shims to slow each poll.
+        argv = ["bash", "-s"] if interpreter == "bash" else [sys.executable, "-I", "-S", "-"]
+        try:
+            done = subprocess.run(
+                argv, input=script.encode(), capture_output=True, timeout=timeout, check=False
+            )
+        except subprocess.TimeoutExpired as exc:
+            raise TransportError(f"local {interpreter} did not finish within {timeout:g} s") from exc
+        except OSError as exc:
+            raise TransportError(f"cannot run {argv[0]}: {exc}") from exc
+        return Result(done.returncode, done.stdout.decode(errors="replace"),
+                      done.stderr.decode(errors="replace"))
+
+
+class Executor:
+    """launch / poll / cancel over one transport."""
+
+    def __init__(self, transport: Transport, *, timeout: float = 30.0) -> None:
+        self.transport = transport
+        self.timeout = timeout
+
+    def launch(self, spec: LaunchSpec) -> int | None:
+        """Start the run detached and return the wrapper's pid (None: cancelled before start)."""
+        result = self.transport.run("bash", protocol.launch_script(spec), self.timeout)
+        return protocol.parse_launch(result.stdout + "\n" + result.stderr)
+
+    def poll(self, refs: list[RunRef]) -> dict[str, RunReport]:
+        """One round trip for every given run on this host."""
+        if not refs:
+            return {}
+        result = self.transport.run("python3", protocol.poll_script(refs), self.timeout)
+        if result.code != 0:
+            raise ProtocolError(f"poll exited {result.code}: {result.stderr.strip()[-300:]}")
+        return protocol.parse_poll(result.stdout)
+
+    def cancel(self, *, run_id: str, run_root: str, grace_seconds: float) -> int:
+        """SIGTERM, grace, SIGKILL; returns how many of the run's processes are left (0)."""
+        result = self.transport.run(
+            "bash", protocol.cancel_script(run_root, run_id, grace_seconds),
+            self.timeout + grace_seconds + 10,
+        )
+        return protocol.parse_cancel(result.stdout)
+
+
+def executor_for(host: object) -> Executor:
+    """The executor for a Host row (local or ssh)."""
+    kind = getattr(host, "kind", "")
+    if kind == "local":
+        return Executor(LocalTransport())
+    if kind == "ssh":
+        from clusters.ssh import SshTransport
+
+        return Executor(SshTransport.for_host(host))
+    raise TransportError(f"host {getattr(host, 'name', '?')} of kind {kind!r} cannot run commands yet")

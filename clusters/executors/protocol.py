@@ -1,0 +1,302 @@
+"""The run directory protocol, as the scripts that launch, poll and cancel runs on a host.
+
+The same scripts serve every transport (local subprocess, SSH): each is sent on stdin to
+`bash -s` or `python3 -`, so nothing the user wrote appears in a process list or in argv.
+User strings reach the host only shell-quoted or base64-encoded.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import shlex
+from dataclasses import dataclass, field
+from typing import Any
+
+MAX_LOG_CHUNK = 4 * 2**20  # bytes copied per run per poll; the rest comes next cycle
+MAX_METRICS_CHUNK = 512 * 2**10
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+
+
+class ProtocolError(Exception):
+    """The host answered with something the protocol does not allow."""
+
+
+@dataclass(frozen=True)
+class LaunchSpec:
+    """Everything a host needs to start a run; knows nothing of plans, sweeps or users."""
+
+    run_id: str
+    command: str
+    run_root: str
+    workdir: str = ""
+    env: dict[str, str] = field(default_factory=dict)
+    env_setup: str = ""
+    cuda_visible_devices: list[int] | None = None
+
+
+@dataclass(frozen=True)
+class RunRef:
+    """A run to poll, with how much of its log and metrics the server already has."""
+
+    run_id: str
+    run_root: str
+    log_offset: int = 0
+    metrics_offset: int = 0
+
+
+@dataclass
+class RunReport:
+    state: str  # running | exited | vanished | starting | missing
+    pid: int | None = None
+    exit_code: int | None = None
+    started_at: float | None = None
+    log_size: int = 0
+    log_offset: int = 0
+    log_chunk: bytes = b""
+    metrics_offset: int = 0
+    metrics_lines: list[str] = field(default_factory=list)
+
+
+def check_run_id(run_id: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", run_id):
+        raise ValueError(f"run id {run_id!r} is not safe as a directory name")
+    return run_id
+
+
+def dir_expr(run_root: str, run_id: str) -> str:
+    """A shell expression for the run directory; `~/` expands to the host user's $HOME."""
+    check_run_id(run_id)
+    root = run_root.rstrip("/") or "/"
+    if root == "~" or root.startswith("~/"):
+        rest = root[2:]
+        return '"$HOME"/' + shlex.quote(f"{rest}/{run_id}" if rest else run_id)
+    return shlex.quote(f"{root}/{run_id}")
+
+
+def _b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
+def wrapper_script(spec: LaunchSpec) -> str:
+    """launch.sh: leads the process group, runs the command, writes exit_code atomically."""
+    d = dir_expr(spec.run_root, spec.run_id)
+    lines = [
+        "#!/usr/bin/env bash",
+        f"d={d}",
+        'echo $$ > "$d/pid.tmp" && mv -f "$d/pid.tmp" "$d/pid"',
+        'date +%s.%N > "$d/started_at"',
+        'finish() { printf "%s\\n" "$1" > "$d/exit_code.tmp" && mv -f "$d/exit_code.tmp" "$d/exit_code"; exit 0; }',
+    ]
+    if spec.workdir:
+        w = shlex.quote(spec.workdir)
+        if spec.workdir.startswith("~/"):
+            w = '"$HOME"/' + shlex.quote(spec.workdir[2:])
+        lines.append(
+            f'cd {w} 2>>"$d/output.log" || {{ echo "labsite: cannot cd to the workdir" >> "$d/output.log"; finish 126; }}'
+        )
+    if spec.env_setup:
+        # The host's own activation line (set by an admin), run in this shell so `source` works.
+        lines.append(
+            f'{{ {spec.env_setup} ; }} >> "$d/output.log" 2>&1 || echo "labsite: env_setup exited $?" >> "$d/output.log"'
+        )
+    exports = {"PYTHONUNBUFFERED": "1", "LABSITE_RUN_ID": spec.run_id}
+    if spec.cuda_visible_devices is not None:
+        exports["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
+        exports["CUDA_VISIBLE_DEVICES"] = ",".join(str(int(i)) for i in spec.cuda_visible_devices)
+    for name, value in spec.env.items():
+        if not ENV_NAME.match(name):
+            raise ValueError(f"{name!r} is not an environment variable name")
+        exports[name] = str(value)
+    for name, value in exports.items():
+        lines.append(f"export {name}={shlex.quote(value)}")
+    lines += [
+        'export LABSITE_RUN_DIR="$d"',
+        # A handler (not an ignore, which children would inherit) keeps the wrapper alive on
+        # SIGTERM to the group, so it outlives the command and still writes its exit code.
+        "trap true TERM INT HUP",
+        'bash "$d/command.sh" >> "$d/output.log" 2>&1 < /dev/null &',
+        "child=$!",
+        'wait "$child"; code=$?',
+        'while kill -0 "$child" 2>/dev/null; do wait "$child"; code=$?; done',
+        'finish "$code"',
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def launch_script(spec: LaunchSpec) -> str:
+    """One exec: write the run directory and start the wrapper detached; safe to run twice."""
+    d = dir_expr(spec.run_root, spec.run_id)
+    return f"""set -u
+umask 077
+d={d}
+mkdir -p "$d"
+started() {{ echo "LABSITE_PID $(cat "$d/pid")"; exit 0; }}
+[ -e "$d/cancelled" ] && {{ echo "LABSITE_CANCELLED"; exit 0; }}
+[ -s "$d/pid" ] && started
+if ! mkdir "$d/.launch" 2>/dev/null; then
+  for _ in $(seq 500); do [ -s "$d/pid" ] && started; sleep 0.01; done
+  echo "LABSITE_ERROR another launch of this run holds the directory"; exit 1
+fi
+printf %s {_b64(spec.command)} | base64 -d > "$d/command.sh"
+printf %s {_b64(wrapper_script(spec))} | base64 -d > "$d/launch.sh"
+: >> "$d/output.log"
+setsid bash "$d/launch.sh" < /dev/null > /dev/null 2>&1 &
+for _ in $(seq 1000); do [ -s "$d/pid" ] && started; sleep 0.005; done
+echo "LABSITE_ERROR the wrapper did not start within 5 s"; exit 1
+"""
+
+
+def parse_launch(stdout: str) -> int | None:
+    """The wrapper's pid, or None when the run was cancelled before it started."""
+    for line in stdout.splitlines():
+        if line.startswith("LABSITE_PID "):
+            return int(line.split()[1])
+        if line.startswith("LABSITE_CANCELLED"):
+            return None
+        if line.startswith("LABSITE_ERROR"):
+            raise ProtocolError(line.removeprefix("LABSITE_ERROR").strip())
+    raise ProtocolError(f"unexpected launch answer: {stdout.strip()[:200]!r}")
+
+
+_POLL = r"""
+import base64, json, os, sys
+req = json.loads(base64.b64decode(sys.argv[1] if len(sys.argv) > 1 else REQ))
+def path(root, run_id, name):
+    root = os.path.expanduser(root)
+    return os.path.join(root, run_id, name)
+def read(p):
+    try:
+        with open(p, "rb") as f:
+            return f.read().decode(errors="replace").strip()
+    except OSError:
+        return None
+def alive(pid, marker):
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                return False
+        with open("/proc/%d/cmdline" % pid, "rb") as f:
+            return marker in f.read()
+    except OSError:
+        return False
+out = {}
+for r in req["runs"]:
+    rid, root = r["id"], r["root"]
+    d = os.path.join(os.path.expanduser(root), rid)
+    rep = {}
+    pid = read(path(root, rid, "pid"))
+    code = read(path(root, rid, "exit_code"))
+    rep["pid"] = int(pid) if pid and pid.isdigit() else None
+    if code is None and rep["pid"] is not None and not alive(rep["pid"], (d + "/launch.sh").encode()):
+        code = read(path(root, rid, "exit_code"))
+        rep["state"] = "exited" if code is not None else "vanished"
+    elif code is not None:
+        rep["state"] = "exited"
+    elif rep["pid"] is not None:
+        rep["state"] = "running"
+    else:
+        rep["state"] = "starting" if os.path.isdir(d) else "missing"
+    try:
+        rep["exit_code"] = int(code) if code is not None else None
+    except ValueError:
+        rep["exit_code"] = None
+    started = read(path(root, rid, "started_at"))
+    try:
+        rep["started_at"] = float(started) if started else None
+    except ValueError:
+        rep["started_at"] = None
+    log = path(root, rid, "output.log")
+    try:
+        size = os.path.getsize(log)
+        off = min(max(0, r["log"]), size)
+        with open(log, "rb") as f:
+            f.seek(off)
+            chunk = f.read(min(size - off, req["max_log"]))
+    except OSError:
+        size, off, chunk = 0, 0, b""
+    rep.update(log_size=size, log_offset=off, log_chunk=base64.b64encode(chunk).decode())
+    mpath = path(root, rid, "metrics.jsonl")
+    lines, moff = [], r["metrics"]
+    try:
+        with open(mpath, "rb") as f:
+            f.seek(moff)
+            data = f.read(req["max_metrics"])
+        end = data.rfind(b"\n") + 1
+        lines = data[:end].decode(errors="replace").splitlines()
+        moff += end
+    except OSError:
+        pass
+    rep.update(metrics_offset=moff, metrics_lines=lines)
+    out[rid] = rep
+sys.stdout.write(json.dumps({"ok": 1, "runs": out}))
+"""
+
+
+def poll_script(refs: list[RunRef]) -> str:
+    """One python3 program reporting every given run: state, exit code, new log bytes, metrics."""
+    for ref in refs:
+        check_run_id(ref.run_id)
+    request = {
+        "runs": [
+            {"id": r.run_id, "root": r.run_root, "log": r.log_offset, "metrics": r.metrics_offset}
+            for r in refs
+        ],
+        "max_log": MAX_LOG_CHUNK,
+        "max_metrics": MAX_METRICS_CHUNK,
+    }
+    return f"REQ = {json.dumps(_b64(json.dumps(request)))}\n{_POLL}"
+
+
+def parse_poll(stdout: str) -> dict[str, RunReport]:
+    try:
+        data: dict[str, Any] = json.loads(stdout)
+        assert data.get("ok") == 1
+    except (ValueError, AssertionError) as exc:
+        raise ProtocolError(f"unexpected poll answer: {stdout.strip()[:200]!r}") from exc
+    reports = {}
+    for run_id, rep in data["runs"].items():
+        reports[run_id] = RunReport(
+            state=rep["state"],
+            pid=rep["pid"],
+            exit_code=rep["exit_code"],
+            started_at=rep["started_at"],
+            log_size=rep["log_size"],
+            log_offset=rep["log_offset"],
+            log_chunk=base64.b64decode(rep["log_chunk"]),
+            metrics_offset=rep["metrics_offset"],
+            metrics_lines=rep["metrics_lines"],
+        )
+    return reports
+
+
+def cancel_script(run_root: str, run_id: str, grace_seconds: float) -> str:
+    """SIGTERM the run's group and every process carrying its LABSITE_RUN_ID, wait, SIGKILL, confirm."""
+    d = dir_expr(run_root, run_id)
+    marker = shlex.quote(f"LABSITE_RUN_ID={run_id}")
+    steps = max(1, int(grace_seconds * 10))
+    return f"""set -u
+d={d}
+mkdir -p "$d" && : > "$d/cancelled"
+for _ in $(seq 50); do [ -s "$d/pid" ] || [ ! -d "$d/.launch" ] && break; sleep 0.1; done
+pgid=$(cat "$d/pid" 2>/dev/null || true)
+members() {{
+  {{ [ -n "$pgid" ] && ps -e -o pid=,pgid=,stat= | awk -v g="$pgid" '$2 == g && $3 !~ /^Z/ {{ print $1 }}'
+    grep -lsza -x {marker} /proc/[0-9]*/environ 2>/dev/null | cut -d/ -f3; }} | sort -u | grep -vx "$$" || true
+}}
+signal() {{ for p in $(members); do kill -"$1" "$p" 2>/dev/null || true; done; }}
+signal TERM
+for _ in $(seq {steps}); do [ -z "$(members)" ] && break; sleep 0.1; done
+left=$(members | wc -l)
+if [ "$left" -gt 0 ]; then signal KILL; sleep 0.2; fi
+echo "LABSITE_CANCEL term_left=$left left=$(members | wc -l)"
+"""
+
+
+def parse_cancel(stdout: str) -> int:
+    """How many processes of the run were still there at the end (0 = nothing left)."""
+    match = re.search(r"LABSITE_CANCEL term_left=(\d+) left=(\d+)", stdout)
+    if not match:
+        raise ProtocolError(f"unexpected cancel answer: {stdout.strip()[:200]!r}")
+    return int(match.group(2))

@@ -1,0 +1,62 @@
+"""Celery entry points: take ids, call one service. Periodic ones are driven by beat."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis
+from celery import shared_task
+from celery.signals import worker_ready
+from django.conf import settings
+
+from experiments import runner
+
+
+def _lock(name: str, timeout: int) -> Any:
+    return redis.Redis.from_url(settings.REDIS_URL).lock(f"labsite:{name}", timeout=timeout)
+
+
+@shared_task(name="experiments.tasks.schedule", ignore_result=True)
+def schedule() -> None:
+    lock = _lock("scheduler", 120)
+    if lock.acquire(blocking=False):  # one scheduler pass at a time
+        try:
+            runner.schedule_pass()
+        finally:
+            lock.release()
+
+
+@shared_task(name="experiments.tasks.dispatch_run", ignore_result=True)
+def dispatch_run(run_id: str) -> None:
+    runner.run_dispatch(run_id)
+
+
+@shared_task(name="experiments.tasks.poll_host", ignore_result=True)
+def poll_host(host_id: int) -> None:
+    lock = _lock(f"poll:{host_id}", 120)
+    if lock.acquire(blocking=False):  # polls of one host never overlap
+        try:
+            runner.host_poll(host_id)
+        finally:
+            lock.release()
+
+
+@shared_task(name="experiments.tasks.poll_all", ignore_result=True)
+def poll_all() -> None:
+    for host_id in runner.hosts_with_active_runs():
+        poll_host.delay(host_id)
+
+
+@shared_task(name="experiments.tasks.cancel_run", ignore_result=True)
+def cancel_run(run_id: str) -> None:
+    runner.run_cancel(run_id)
+
+
+@shared_task(name="experiments.tasks.reconcile", ignore_result=True)
+def reconcile() -> None:
+    runner.reconcile()
+
+
+@worker_ready.connect
+def _reconcile_on_start(**_: Any) -> None:
+    reconcile.delay()

@@ -1,0 +1,1 @@
+"""Test harnesses (plain Python, no pytest)."""

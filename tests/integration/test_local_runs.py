@@ -1,0 +1,141 @@
+"""Runs really run on the `local` host: a real worker (with beat), real processes."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from clusters.services import host_ensure_local
+from experiments.models import Run
+from tests.integration.test_worker import wait_for
+
+TERMINAL = {"finished", "failed", "stopped"}
+
+
+@pytest.fixture
+def local(celery_worker):
+    return host_ensure_local()
+
+
+def create(client, **body):
+    response = client.post("/api/runs", {"auto_start": True, **body}, format="json")
+    assert response.status_code == 201, response.content
+    return response.json()["id"]
+
+
+def ended(run_id: str, timeout: float = 60) -> Run:
+    return wait_for(
+        lambda: (r := Run.objects.get(pk=run_id)).status in TERMINAL and r, timeout=timeout
+    )
+
+
+def logs(client, run_id: str, **params) -> dict:
+    return client.get(f"/api/runs/{run_id}/logs", params).json()
+
+
+def test_exit_codes_become_finished_failed_and_killed(local, member):
+    ok = create(member.client, name="ok", command="echo fine")
+    bad = create(member.client, name="bad", command="echo oops >&2; exit 3")
+    killed = create(member.client, name="killed", command="kill -9 $$")
+    assert (r := ended(ok)).status == "finished" and r.exit_code == 0 and r.host.name == "local"
+    assert (r := ended(bad)).status == "failed" and r.reason == "exit_code" and r.exit_code == 3
+    assert (r := ended(killed)).status == "failed" and r.exit_code == 137
+    assert "oops" in logs(member.client, bad)["content"]
+    events = [e.to_status for e in Run.objects.get(pk=ok).events.order_by("id")]
+    assert events == ["queued", "launching", "running", "finished"]
+
+
+def test_output_interleaved_unicode_bytes_and_progress_bars(local, member):
+    command = (
+        "echo out1; echo err1 >&2; echo out2; printf 'caf\\xc3\\xa9 \\xff\\xfe end\\n'; "
+        "printf 'step 1/3\\rstep 2/3\\rstep 3/3\\n'; echo 日本語"
+    )
+    run_id = create(member.client, name="bytes", command=command)
+    assert ended(run_id).status == "finished"
+    body = logs(member.client, run_id)
+    lines = body["content"].splitlines()
+    assert lines[:3] == ["out1", "err1", "out2"]
+    assert lines[3].startswith("café ") and lines[3].endswith(" end")
+    assert "step 3/3" in lines and not any("step 1/3" in line for line in lines)
+    assert "日本語" in lines
+    tail = logs(member.client, run_id, offset=-10)
+    assert tail["has_more_before"] and not tail["has_more_after"]
+    assert tail["offset"] == body["total_size"] - 10
+    raw = (Path(os.environ["LABSITE_DATA_DIR"]) / "logs" / f"{run_id}.log").read_bytes()
+    assert b"\xff\xfe" in raw and b"step 1/3\r" in raw, "the raw log is kept as bytes"
+
+
+def test_shell_metacharacters_are_data_not_code(local, member, tmp_path):
+    canary = Path(f"/tmp/lab-canary-{os.getpid()}")
+    evil = f"$(touch {canary}); `touch {canary}`; touch {canary}"
+    run_id = create(
+        member.client, name=evil, command="printf '%s|%s\\n' \"$EVIL\" 'it'\"'\"'s $HOME'",
+        env={"EVIL": evil, "QUOTES": "a'b\"c\\d"}, workdir=str(tmp_path),
+    )
+    assert ended(run_id).status == "finished"
+    assert logs(member.client, run_id)["content"].strip() == f"{evil}|it's $HOME"
+    assert not canary.exists()
+    assert Run.objects.get(pk=run_id).name == evil
+
+
+def test_a_large_log_is_copied_whole(local, member):
+    run_id = create(member.client, name="big",
+                    X
+    assert ended(run_id, timeout=120).status == "finished"
+    body = logs(member.client, run_id, offset=0, limit=16)
+    assert body["total_size"] == 12000000 + 12000000 // 99 + 1
+    assert body["has_more_after"] and body["content"] == "x" * 16
+
+
+def test_metrics_lines_become_series(local, member):
+    script = (
+        "python3 -c \"import sys; sys.path.insert(0, '" + str(Path(__file__).parents[2]) + "'); "
+        "from labsite_client import log_metrics\n"
+        "for i in range(5): log_metrics(step=i, loss=1.0/(i+1))\n"
+        "log_metrics(**{'final/acc': 0.9})\""
+    )
+    run_id = create(member.client, name="metrics", command=script)
+    assert ended(run_id).status == "finished"
+    metrics = member.client.get(f"/api/runs/{run_id}/metrics").json()
+    assert [p["step"] for p in metrics["series"]["loss"]] == [0, 1, 2, 3, 4]
+    assert metrics["latest"] == {"loss": 0.2, "final/acc": 0.9}
+
+
+def test_stop_kills_children_that_ignore_sigterm(local, member):
+    command = (
+        "trap '' TERM; (trap '' TERM; sleep 600) & (setsid sh -c 'trap \"\" TERM; sleep 600') & "
+        "echo started; sleep 600"
+    )
+    run_id = create(member.client, name="stubborn", command=command)
+    wait_for(lambda: Run.objects.get(pk=run_id).status == "running"
+             and "started" in logs(member.client, run_id)["content"], timeout=60)
+    run = Run.objects.get(pk=run_id)
+    assert member.client.post(f"/api/runs/{run_id}/stop").status_code == 200
+    assert ended(run_id).status == "stopped"
+    marker = f"LABSITE_RUN_ID={run_id}".encode()
+    left = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                env = (proc / "environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if marker in env:
+                left.append(proc.name)
+    assert left == [], f"processes of the run survived the stop: {left}"
+    assert run.pid and not Path(f"/proc/{run.pid}/cmdline").exists() or (
+        Path(f"/proc/{run.pid}/stat").read_text().split(") ")[1][0] == "Z"
+    )
+
+
+def test_stop_of_a_queued_run_never_starts_it(local, member):
+    run_id = create(member.client, name="q", command="echo should-not-run", host="local",
+                    gpus=1)  # the local host has no GPU: it stays queued
+    wait_for(lambda: Run.objects.get(pk=run_id).waiting_reason, timeout=30)
+    assert "needs 1 GPU" in Run.objects.get(pk=run_id).waiting_reason
+    assert member.client.post(f"/api/runs/{run_id}/stop").json()["status"] == "stopped"
+    time.sleep(2)
+    assert Run.objects.get(pk=run_id).status == "stopped"
