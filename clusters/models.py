@@ -29,6 +29,7 @@ class Host(models.Model):
     # What the last inventory learned (Slurm partitions, driver, CPU count...).
     facts = models.JSONField(default=dict, blank=True)
     last_seen_at = models.DateTimeField(null=True, blank=True)
+    probed_at = models.DateTimeField(null=True, blank=True)
     inventory_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
 

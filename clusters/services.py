@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import subprocess
 from typing import Any
 
 from django.conf import settings
+from django.core.exceptions import ValidationError
 from django.db import transaction
 from django.utils import timezone
 
@@ -161,3 +163,94 @@ def gpu_policy_for(host: Host) -> gpu_lib.GpuPolicy:
         if host.gpu_free_max_util_pct is not None
         else lab["GPU_FREE_MAX_UTIL_PCT"],
     )
+
+
+# --- hosts: registration, probes, pinned keys --------------------------------------------
+
+KEY_DIR_NAME = "keys"
+
+
+def store_private_key(*, host_name: str, key_text: str) -> str:
+    """Keep an uploaded private key (0600) in the data dir; returns its path. Never shown again."""
+    from io import StringIO
+
+    import paramiko
+
+    key_text = key_text.strip() + "\n"
+    for key_class in (paramiko.Ed25519Key, paramiko.ECDSAKey, paramiko.RSAKey):
+        try:
+            key_class.from_private_key(StringIO(key_text))
+            break
+        except (paramiko.SSHException, ValueError):
+            continue
+    else:
+        raise ValidationError({"private_key": "not an unencrypted OpenSSH/PEM private key"})
+    directory = settings.DATA_DIR / KEY_DIR_NAME
+    directory.mkdir(mode=0o700, exist_ok=True)
+    path = directory / f"{host_name}.key"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(key_text)
+    return str(path)
+
+
+def host_probe(host_id: int) -> tuple[Host, str]:
+    """Connect once; pin the key on first contact, refuse a changed one. Returns (host, outcome).
+
+    outcome: online | offline | key_mismatch. Runs in a worker or the CLI, never in a request.
+    """
+    host = Host.objects.get(pk=host_id)
+    now = timezone.now()
+    try:
+        return _probe(host, now)
+    finally:
+        Host.objects.filter(pk=host.pk).update(probed_at=timezone.now())
+
+
+def _probe(host: Host, now: Any) -> tuple[Host, str]:
+    from clusters import ssh
+
+    if host.kind == HostKind.LOCAL:
+        Host.objects.filter(pk=host.pk).update(state=HostState.ONLINE, last_seen_at=now, state_note="")
+        host.refresh_from_db()
+        return host, HostState.ONLINE
+    target = ssh.SshTransport.for_host(host).target
+    try:
+        seen = ssh.probe(target)
+    except ssh.HostKeyMismatch as exc:
+        facts = {**host.facts, "presented_fingerprint": exc.got}
+        Host.objects.filter(pk=host.pk).update(
+            state=HostState.KEY_MISMATCH, state_note=str(exc)[:500], facts=facts
+        )
+        host.refresh_from_db()
+        return host, HostState.KEY_MISMATCH
+    except Exception as exc:  # noqa: BLE001 - any failure to connect means offline, with why
+        Host.objects.filter(pk=host.pk).exclude(state=HostState.KEY_MISMATCH).update(
+            state=HostState.OFFLINE, state_note=f"{type(exc).__name__}: {exc}"[:500]
+        )
+        host.refresh_from_db()
+        return host, HostState.OFFLINE
+    # Pin on first contact only: a conditional update, so a concurrent probe cannot re-pin.
+    Host.objects.filter(pk=host.pk, host_key_fingerprint="").update(host_key_fingerprint=seen)
+    Host.objects.filter(pk=host.pk, host_key_fingerprint=seen).update(
+        state=HostState.ONLINE, state_note="", last_seen_at=now
+    )
+    host.refresh_from_db()
+    return host, host.state
+
+
+def host_accept_key(*, host: Host, fingerprint: str) -> Host:
+    """An admin accepts the key a host now presents (after checking it out of band)."""
+    presented = host.facts.get("presented_fingerprint")
+    if host.state != HostState.KEY_MISMATCH or not presented:
+        raise ValidationError({"fingerprint": f"host {host.name} has no changed key to accept"})
+    if fingerprint != presented:
+        raise ValidationError(
+            {"fingerprint": f"the host presented {presented}, not {fingerprint}; check it again"}
+        )
+    facts = {k: v for k, v in host.facts.items() if k != "presented_fingerprint"}
+    Host.objects.filter(pk=host.pk, state=HostState.KEY_MISMATCH).update(
+        host_key_fingerprint=fingerprint, state=HostState.UNKNOWN, state_note="", facts=facts
+    )
+    host.refresh_from_db()
+    return host

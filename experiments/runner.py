@@ -33,7 +33,7 @@ from clusters.ssh import HostKeyMismatch
 from experiments import services
 from experiments.actors import Actor
 from experiments.choices import ACTIVE, RunReason, RunStatus
-from experiments.models import GpuLease, Metric, Run
+from experiments.models import Alert, GpuLease, Metric, Run
 
 log = logging.getLogger(__name__)
 SYSTEM = Actor.system()
@@ -328,9 +328,15 @@ def _host_unreachable(host: Host, runs: list[Run], error: str) -> None:
 def _host_key_mismatch(host: Host, exc: HostKeyMismatch) -> None:
     """Refuse the host: nothing is sent to it until an admin accepts the new key."""
     changed = Host.objects.filter(pk=host.pk).exclude(state=HostState.KEY_MISMATCH).update(
-        state=HostState.KEY_MISMATCH, state_note=str(exc)[:500]
+        state=HostState.KEY_MISMATCH, state_note=str(exc)[:500],
+        facts={**host.facts, "presented_fingerprint": exc.got},
     )
     if changed:
+        _host_key_mismatch_alert(host, exc)
+
+
+def _host_key_mismatch_alert(host: Host, exc: HostKeyMismatch) -> None:
+    if not Alert.objects.filter(status="open", message__startswith=f"Host {host.name} presented").exists():
         services.alert_raise(
             message=f"Host {host.name} presented a different SSH host key ({exc.got}, pinned "
             f"{exc.expected}). Nothing is sent to it until an admin accepts the new key.",
@@ -383,3 +389,17 @@ def reconcile() -> dict[str, int]:
         services._enqueue("experiments.tasks.cancel_run", run_id)
         counts["cancels"] += 1
     return dict(counts)
+
+
+def host_probe(host_id: int) -> str:
+    """Probe a host (pin or check its key); a changed key raises an alert for the admins."""
+    from clusters.services import host_probe as probe
+
+    host, outcome = probe(host_id)
+    if outcome == HostState.KEY_MISMATCH:
+        from clusters.ssh import HostKeyMismatch as Mismatch
+
+        _host_key_mismatch_alert(
+            host, Mismatch(host.name, host.host_key_fingerprint, host.facts.get("presented_fingerprint", "?"))
+        )
+    return outcome

@@ -60,3 +60,8 @@ def reconcile() -> None:
 @worker_ready.connect
 def _reconcile_on_start(**_: Any) -> None:
     reconcile.delay()
+
+
+@shared_task(name="experiments.tasks.probe_host", ignore_result=True)
+def probe_host(host_id: int) -> None:
+    runner.host_probe(host_id)

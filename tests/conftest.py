@@ -31,6 +31,29 @@ def _person(username: str, role: str | None) -> Person:
 
 
 @pytest.fixture(autouse=True)
+def _require_postgres(request: pytest.FixtureRequest) -> None:
+    """The tiers that talk to real services run on PostgreSQL, never silently on SQLite."""
+    needs_pg = request.node.get_closest_marker("integration") or request.node.get_closest_marker("ssh")
+    if needs_pg and {"db", "transactional_db"} & set(request.fixturenames):
+        from django.db import connection
+
+        assert connection.vendor == "postgresql", (
+            "this tier runs on PostgreSQL: use `make test` or set DATABASE_URL"
+        )
+
+
+@pytest.fixture
+def celery_worker(transactional_db: None, tmp_path: Any) -> Any:
+    """A real `celery worker -B` process on the test database and the test Redis db."""
+    from tests.harness.worker import Worker, redis_test_client
+
+    redis_test_client().flushdb()
+    worker = Worker(tmp_path).start()
+    yield worker
+    worker.stop()
+
+
+@pytest.fixture(autouse=True)
 def _fast_password_hasher(settings: Any) -> None:
     # PBKDF2 costs ~0.5 s per user on these machines; tests do not need a slow hash.
     settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]

@@ -1,6 +1,7 @@
 from django.urls import path
 from rest_framework.routers import SimpleRouter
 
+from clusters.api.views import HostViewSet
 from experiments.api import views
 
 
@@ -17,6 +18,7 @@ router.register("runs", views.RunViewSet, basename="run")
 router.register("sweeps", views.SweepViewSet, basename="sweep")
 router.register("plans", views.PlanViewSet, basename="plan")
 router.register("alerts", views.AlertViewSet, basename="alert")
+router.register("hosts", HostViewSet, basename="host")
 router.register("prompt-skills", views.PromptSkillViewSet, basename="prompt-skill")
 
 urlpatterns = [

@@ -10,7 +10,7 @@ import pytest
 
 from clusters.services import host_ensure_local
 from experiments.models import Run
-from tests.integration.test_worker import wait_for
+from tests.harness.worker import wait_for
 
 TERMINAL = {"finished", "failed", "stopped"}
 
@@ -81,13 +81,14 @@ def test_shell_metacharacters_are_data_not_code(local, member, tmp_path):
     assert Run.objects.get(pk=run_id).name == evil
 
 
-def test_a_large_log_is_copied_whole(local, member):
-    run_id = create(member.client, name="big",
-                    X
-    assert ended(run_id, timeout=120).status == "finished"
+def test_a_50_mb_log_is_copied_whole(local, member):
+    command = "head -c 50000000 /dev/zero | tr '\\0' x | fold -w 100; echo; echo END"
+    run_id = create(member.client, name="big", command=command)
+    assert ended(run_id, timeout=180).status == "finished"
     body = logs(member.client, run_id, offset=0, limit=16)
-    assert body["total_size"] == 12000000 + 12000000 // 99 + 1
+    assert body["total_size"] == 50_000_000 + 499_999 + 1 + 4  # fold's newlines, echo, END
     assert body["has_more_after"] and body["content"] == "x" * 16
+    assert logs(member.client, run_id, offset=-4)["content"] == "END\n"
 
 
 def test_metrics_lines_become_series(local, member):

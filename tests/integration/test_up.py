@@ -12,7 +12,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from tests.integration.conftest import ROOT, redis_test_client
+from tests.harness.worker import ROOT, redis_test_client
 
 
 def free_port() -> int:

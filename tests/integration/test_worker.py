@@ -2,20 +2,9 @@
 
 from __future__ import annotations
 
-import time
-
 from clusters.models import Host
 from clusters.tasks import refresh_local_inventory
-
-
-def wait_for(predicate, timeout: float = 30.0, interval: float = 0.1):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"condition not met within {timeout} s")
+from tests.harness.worker import wait_for
 
 
 def test_worker_runs_the_inventory_task_and_writes_the_database(celery_worker):

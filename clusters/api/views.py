@@ -1,0 +1,127 @@
+"""Hosts: everyone reads; admins register, change and remove them. Probes run in a worker."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from django.conf import settings
+from django.db.models import QuerySet
+from django.utils import timezone
+from drf_spectacular.utils import extend_schema
+from rest_framework import permissions, status, viewsets
+from rest_framework.decorators import action
+from rest_framework.exceptions import NotFound
+from rest_framework.request import Request
+from rest_framework.response import Response
+
+from clusters import services
+from clusters.api import serializers as s
+from clusters.models import Host
+from labsite.errors import Conflict
+from labsite.roles import is_admin
+
+
+class IsAdminForWrites(permissions.BasePermission):
+    message = "only an admin may change hosts"
+
+    def has_permission(self, request: Request, view: Any) -> bool:
+        if request.method in permissions.SAFE_METHODS or getattr(view, "action", "") == "probe":
+            return True
+        return is_admin(request.user)
+
+
+def _probe_and_wait(host: Host) -> Host:
+    """Ask a worker to probe (no SSH in a web request) and wait briefly for its answer."""
+    from labsite.celery import app
+
+    asked = timezone.now()
+    app.send_task("experiments.tasks.probe_host", args=[host.pk])
+    deadline = time.monotonic() + settings.LABSITE["HOST_PROBE_WAIT_SECONDS"]
+    while time.monotonic() < deadline:
+        host.refresh_from_db()
+        if host.probed_at and host.probed_at >= asked:
+            break
+        time.sleep(0.1)
+    return host
+
+
+class HostViewSet(viewsets.ModelViewSet):
+    """The lab's machines; on creation the host key is pinned (or checked against the one given)."""
+
+    permission_classes = [permissions.IsAuthenticated, IsAdminForWrites]
+    http_method_names = ["get", "post", "patch", "delete"]
+
+    def get_queryset(self) -> QuerySet[Host]:
+        return Host.objects.prefetch_related("gpus")
+
+    def get_serializer_class(self) -> type:
+        return s.HostSerializer if self.action in ("list", "retrieve") else s.HostWriteSerializer
+
+    def get_object(self) -> Host:
+        key = self.kwargs["pk"]
+        host = Host.objects.filter(name=key).first() or (
+            Host.objects.filter(pk=int(key)).first() if key.isdigit() else None
+        )
+        if host is None:
+            raise NotFound(f"Host not found: {key}")
+        return host
+
+    def _out(self, host: Host, code: int = status.HTTP_200_OK) -> Response:
+        host = self.get_queryset().get(pk=host.pk)
+        return Response(s.HostSerializer(host).data, status=code)
+
+    @extend_schema(request=s.HostWriteSerializer, responses={201: s.HostSerializer})
+    def create(self, request: Request) -> Response:
+        """Register a host; the response carries the pinned fingerprint once a worker connected."""
+        data = s.HostWriteSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        values = dict(data.validated_data)
+        key_text = values.pop("private_key", None)
+        if key_text:
+            values["identity_file"] = services.store_private_key(
+                host_name=values["name"], key_text=key_text
+            )
+        host = Host.objects.create(**values)
+        host = _probe_and_wait(host)
+        return self._out(host, status.HTTP_201_CREATED)
+
+    @extend_schema(request=s.HostWriteSerializer, responses=s.HostSerializer)
+    def partial_update(self, request: Request, pk: str) -> Response:
+        """Change a host; a new address or port needs its key pinned again."""
+        host = self.get_object()
+        data = s.HostWriteSerializer(host, data=request.data, partial=True)
+        data.is_valid(raise_exception=True)
+        values = dict(data.validated_data)
+        key_text = values.pop("private_key", None)
+        if key_text:
+            values["identity_file"] = services.store_private_key(host_name=host.name, key_text=key_text)
+        if {"hostname", "port"} & values.keys() and "host_key_fingerprint" not in values:
+            values["host_key_fingerprint"] = ""
+        Host.objects.filter(pk=host.pk).update(**values)
+        return self._out(host)
+
+    def destroy(self, request: Request, pk: str) -> Response:
+        """Remove a host that never ran anything; disable it otherwise (its runs keep their history)."""
+        host = self.get_object()
+        if host.runs.exists():
+            raise Conflict(f"host {host.name} has runs; disable it instead (PATCH enabled=false)")
+        host.delete()
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+    @extend_schema(request=None, responses=s.HostSerializer)
+    @action(detail=True, methods=["post"])
+    def probe(self, request: Request, pk: str) -> Response:
+        """Check reachability now: online, offline or key_mismatch, with when it was last seen."""
+        return self._out(_probe_and_wait(self.get_object()))
+
+    @extend_schema(request=s.AcceptKeySerializer, responses=s.HostSerializer)
+    @action(detail=True, methods=["post"], url_path="accept-key")
+    def accept_key(self, request: Request, pk: str) -> Response:
+        """Admin only: trust the key the host now presents (give its fingerprint to confirm)."""
+        data = s.AcceptKeySerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        host = services.host_accept_key(
+            host=self.get_object(), fingerprint=data.validated_data["fingerprint"]
+        )
+        return self._out(_probe_and_wait(host))

@@ -1,0 +1,144 @@
+"""Runs on real sshd hosts in network namespaces, driven by a real worker (with beat)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from clusters.models import Host
+from experiments.models import Alert, Run, RunEvent
+from tests.harness.worker import wait_for
+
+TERMINAL = {"finished", "failed", "stopped"}
+
+
+def register(admin, host, **extra) -> dict:
+    body = {
+        "name": host.name, "kind": "ssh", "hostname": host.ip, "port": host.port,
+        "username": host.username, "identity_file": str(host.key_path), **extra,
+    }
+    response = admin.client.post("/api/hosts", body, format="json")
+    assert response.status_code == 201, response.content
+    return response.json()
+
+
+def create(client, host, **body) -> str:
+    response = client.post("/api/runs", {"auto_start": True, "host": host.name, **body}, format="json")
+    assert response.status_code == 201, response.content
+    return response.json()["id"]
+
+
+def ended(run_id: str, timeout: float = 60) -> Run:
+    return wait_for(lambda: (r := Run.objects.get(pk=run_id)).status in TERMINAL and r, timeout=timeout)
+
+
+def run_dir(host, run_id: str) -> Path:
+    return Path(host.home) / ".labsite" / "runs" / run_id
+
+
+@pytest.fixture
+def lab(fresh_lab, celery_worker, admin):
+    lab = fresh_lab(n_hosts=2)
+    for host in lab:
+        assert register(admin, host)["host_key_fingerprint"] == host.host_key_fingerprint
+    return lab
+
+
+def test_registration_pins_the_key_and_probe_reports_online(lab, admin, member):
+    host = Host.objects.get(name=lab[0].name)
+    assert host.state == "online" and host.host_key_fingerprint == lab[0].host_key_fingerprint
+    probed = member.client.post(f"/api/hosts/{host.name}/probe").json()
+    assert probed["state"] == "online" and probed["last_seen_at"]
+    listed = member.client.get("/api/hosts").json()
+    assert "identity_file" not in str(listed) and Path(lab[0].key_path).name not in str(listed)
+    assert member.client.post("/api/hosts", {"name": "x", "hostname": "h"}, format="json").status_code == 403
+
+
+def test_a_given_fingerprint_is_checked_not_trusted(fresh_lab, celery_worker, admin):
+    host = fresh_lab(n_hosts=1)[0]
+    wrong = "SHA256:" + "A" * 43
+    body = register(admin, host, host_key_fingerprint=wrong)
+    assert body["state"] == "key_mismatch" and body["host_key_fingerprint"] == wrong
+    assert Alert.objects.filter(message__contains=host.name, severity="critical").exists()
+
+
+def test_runs_on_a_host_exit_codes_logs_and_quoting(lab, member):
+    h = lab[0]
+    ok = create(member.client, h, name="ok", command="hostname; echo out; echo err >&2")
+    bad = create(member.client, h, name="bad $(reboot)", command="exit 7",
+                 env={"X": "'; touch /tmp/nope-$$ #"})
+    killed = create(member.client, h, name="killed", command="kill -9 $$")
+    assert (r := ended(ok)).status == "finished" and r.exit_code == 0 and r.host.name == h.name
+    content = member.client.get(f"/api/runs/{ok}/logs").json()["content"]
+    assert content.splitlines() == [h.name, "out", "err"]
+    assert (r := ended(bad)).status == "failed" and r.exit_code == 7 and r.reason == "exit_code"
+    assert (r := ended(killed)).status == "failed" and r.exit_code == 137
+    assert (run_dir(h, ok) / "exit_code").read_text().strip() == "0"
+    assert not any(Path("/tmp").glob("nope-*"))
+
+
+def test_stop_over_ssh_leaves_no_process_behind(lab, member):
+    h = lab[1]
+    command = "trap '' TERM; (setsid sh -c 'trap \"\" TERM; sleep 600') & sleep 600 & echo up; wait"
+    run_id = create(member.client, h, name="stubborn", command=command)
+    wait_for(lambda: "up" in member.client.get(f"/api/runs/{run_id}/logs").json()["content"], 60)
+    assert member.client.post(f"/api/runs/{run_id}/stop").status_code == 200
+    assert ended(run_id).status == "stopped"
+    marker = f"LABSITE_RUN_ID={run_id}"
+    left = h.exec(f"grep -lsza -x {marker} /proc/[0-9]*/environ | wc -l").stdout.strip()
+    assert left == "0"
+
+
+def test_worker_killed_mid_dispatch_launches_each_run_once(lab, member, celery_worker):
+    """GIVEN 50 runs being dispatched WHEN the worker is kill -9'd and restarted
+    THEN every run started exactly once on its host and all finished."""
+    h = lab[0]
+    ids = [create(member.client, h, name=f"burst-{i}", command="echo $LABSITE_RUN_ID >> ~/starts; sleep 1")
+           for i in range(50)]
+    wait_for(lambda: Run.objects.filter(pk__in=ids, status__in=["launching", "running"]).count() >= 5, 60)
+    celery_worker.kill9()
+    celery_worker.start()
+    wait_for(lambda: Run.objects.filter(pk__in=ids, status__in=TERMINAL).count() == 50, 180, 0.5)
+    starts = (Path(h.home) / "starts").read_text().split()
+    assert sorted(starts) == sorted(ids), "each run started exactly once"
+    assert set(Run.objects.filter(pk__in=ids).values_list("status", flat=True)) == {"finished"}
+    launches = RunEvent.objects.filter(run_id__in=ids, to_status="running").count()
+    assert launches == 50
+
+
+def test_sshd_restart_and_a_cut_link_fail_nothing(lab, member):
+    h = lab[1]
+    run_id = create(member.client, h, name="survivor", command="for i in $(seq 8); do echo tick $i; sleep 1; done; exit 5")
+    wait_for(lambda: Run.objects.get(pk=run_id).status == "running", 60)
+    h.restart_sshd()
+    time.sleep(1)
+    h.link_down()
+    wait_for(lambda: Run.objects.get(pk=run_id).reason == "host_unreachable", 30)
+    time.sleep(2)  # longer than a poll interval, while the run goes on out there
+    assert Run.objects.get(pk=run_id).status == "running"
+    h.link_up()
+    run = ended(run_id, timeout=90)
+    assert run.status == "failed" and run.exit_code == 5 and run.reason == "exit_code"
+    content = member.client.get(f"/api/runs/{run_id}/logs").json()["content"]
+    assert content.splitlines() == [f"tick {i}" for i in range(1, 9)]
+
+
+def test_a_changed_host_key_is_refused_and_nothing_runs(lab, member, admin):
+    h = lab[0]
+    old = h.host_key_fingerprint
+    h.rotate_host_key()
+    run_id = create(member.client, h, name="must-not-run", command="touch ~/executed")
+    host = wait_for(lambda: (x := Host.objects.get(name=h.name)).state == "key_mismatch" and x, 60)
+    assert host.host_key_fingerprint == old
+    alert = wait_for(lambda: Alert.objects.filter(message__contains=h.name, severity="critical").first())
+    assert h.host_key_fingerprint in alert.message
+    time.sleep(2)
+    assert not (Path(h.home) / "executed").exists() and not run_dir(h, run_id).exists()
+    assert Run.objects.get(pk=run_id).status == "launching"
+    # An admin checks the new key out of band, accepts it, and the run goes.
+    accepted = admin.client.post(f"/api/hosts/{h.name}/accept-key",
+                                 {"fingerprint": h.host_key_fingerprint}, format="json")
+    assert accepted.status_code == 200 and accepted.json()["state"] == "online"
+    assert ended(run_id).status == "finished" and (Path(h.home) / "executed").exists()
