@@ -373,6 +373,7 @@ def run_cancel(run_id: str) -> None:
 def hosts_with_active_runs() -> list[int]:
     return list(
         Run.objects.filter(status__in=list(ACTIVE), host__isnull=False)
+        .order_by()  # the model's ordering would make DISTINCT return one row per run
         .values_list("host_id", flat=True).distinct()
     )
 

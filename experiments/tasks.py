@@ -18,12 +18,21 @@ def _lock(name: str, timeout: int) -> Any:
 
 @shared_task(name="experiments.tasks.schedule", ignore_result=True)
 def schedule() -> None:
-    lock = _lock("scheduler", 120)
-    if lock.acquire(blocking=False):  # one scheduler pass at a time
+    """One scheduler pass at a time; a kick during a pass makes the holder pass again."""
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    again = "labsite:scheduler:again"
+    client.set(again, 1)
+    while True:
+        lock = client.lock("labsite:scheduler", timeout=120)
+        if not lock.acquire(blocking=False):
+            return  # the holder sees `again` and runs another pass
         try:
-            runner.schedule_pass()
+            while client.getdel(again):
+                runner.schedule_pass()
         finally:
             lock.release()
+        if not client.exists(again):
+            return
 
 
 @shared_task(name="experiments.tasks.dispatch_run", ignore_result=True)

@@ -9,14 +9,19 @@ export REDIS_URL="${TEST_REDIS_URL:-redis://127.0.0.1:6379/15}"
 ensure_redis "$REDIS_URL"
 base=$(ensure_postgres)
 admin_url="${base%/labsite}/postgres"
-"$PY" - "$admin_url" <<'PYEOF'
+fresh_db() {
+  "$PY" - "$admin_url" <<'PYEOF'
 import sys, psycopg
 with psycopg.connect(sys.argv[1], autocommit=True) as c:
-    c.execute("DROP DATABASE IF EXISTS labsite_bench")
+    c.execute("DROP DATABASE IF EXISTS labsite_bench WITH (FORCE)")
     c.execute("CREATE DATABASE labsite_bench")
 PYEOF
+  "$PY" manage.py migrate --noinput -v0
+}
 export DATABASE_URL="${base%/labsite}/labsite_bench"
 export LABSITE_DATA_DIR="$ROOT/.test-data/bench"
 mkdir -p "$LABSITE_DATA_DIR"
-"$PY" manage.py migrate --noinput -v0
+fresh_db
 "$PY" tests/bench/bench_api.py
+fresh_db
+"$PY" tests/bench/bench_runs.py
