@@ -142,3 +142,64 @@ def test_a_changed_host_key_is_refused_and_nothing_runs(lab, member, admin):
                                  {"fingerprint": h.host_key_fingerprint}, format="json")
     assert accepted.status_code == 200 and accepted.json()["state"] == "online"
     assert ended(run_id).status == "finished" and (Path(h.home) / "executed").exists()
+
+
+def test_a_vanished_process_is_lost(lab, member):
+    h = lab[0]
+    run_id = create(member.client, h, name="doomed", command="echo up; sleep 600")
+    wait_for(lambda: "up" in member.client.get(f"/api/runs/{run_id}/logs").json()["content"], 60)
+    pgid = Run.objects.get(pk=run_id).pid
+    killed = h.exec(f"/bin/kill -KILL -- -{pgid}")  # the OOM killer or a reboot: no exit code
+    assert killed.returncode == 0, killed.stderr
+    run = ended(run_id)
+    assert run.status == "failed" and run.reason == "lost" and run.exit_code is None
+
+
+def test_an_uploaded_key_is_stored_0600_and_never_shown(fresh_lab, celery_worker, admin, settings):
+    h = fresh_lab(n_hosts=1)[0]
+    key_text = Path(h.key_path).read_text()
+    response = admin.client.post("/api/hosts", {
+        "name": h.name, "hostname": h.ip, "username": "root", "private_key": key_text,
+    }, format="json")
+    assert response.status_code == 201, response.content
+    body = response.json()
+    assert body["state"] == "online" and body["has_identity"] is True
+    assert "PRIVATE KEY" not in response.content.decode()
+    stored = Path(settings.DATA_DIR) / "keys" / f"{h.name}.key"
+    assert stored.read_text().strip() == key_text.strip()
+    assert stored.stat().st_mode & 0o777 == 0o600
+    bad = admin.client.post("/api/hosts", {"name": "bad", "hostname": h.ip, "private_key": "nope"},
+                            format="json")
+    assert bad.status_code == 400 and not Host.objects.filter(name="bad").exists()
+
+
+def test_add_host_command_pins_and_prints_the_fingerprint(fresh_lab, transactional_db):
+    from io import StringIO
+
+    from django.core.management import CommandError, call_command
+
+    h = fresh_lab(n_hosts=1)[0]
+    out = StringIO()
+    call_command("add_host", h.name, "--hostname", h.ip, "--username", "root",
+                 "--identity-file", str(h.key_path), stdout=out)
+    assert out.getvalue().strip() == f"{h.name}: online, host key {h.host_key_fingerprint}"
+    assert Host.objects.get(name=h.name).host_key_fingerprint == h.host_key_fingerprint
+    with pytest.raises(CommandError, match="changed"):
+        call_command("add_host", "other", "--hostname", h.ip, "--username", "root",
+                     "--identity-file", str(h.key_path), "--fingerprint", "SHA256:" + "B" * 43)
+    assert not Host.objects.filter(name="other").exists()
+
+
+def test_a_launching_run_is_stopped_and_never_starts(lab, member):
+    """GIVEN a host cut off, so a run cannot leave `launching` WHEN it is stopped and the host
+    comes back THEN it ends `stopped` and its command never ran."""
+    h = lab[1]
+    h.link_down()
+    run_id = create(member.client, h, name="late", command="touch ~/late-executed")
+    wait_for(lambda: Run.objects.get(pk=run_id).status == "launching", 60)
+    body = member.client.post(f"/api/runs/{run_id}/stop").json()
+    assert body["status"] == "launching" and body["stop_requested_at"]
+    h.link_up()
+    assert ended(run_id, timeout=90).status == "stopped"
+    time.sleep(2)
+    assert not (Path(h.home) / "late-executed").exists()
