@@ -91,7 +91,9 @@ def parse_query_apps(text: str) -> dict[str, list[GpuProcess]]:
         if len(parts) != 3 or not parts[0].startswith("GPU-"):
             raise InventoryError(f"unexpected nvidia-smi line: {line.strip()[:120]!r}")
         apps.setdefault(parts[0], []).append(
-            GpuProcess(pid=_number(parts[1], "pid"), used_memory_mb=_number(parts[2], "used_memory"))
+            GpuProcess(
+                pid=_number(parts[1], "pid"), used_memory_mb=_number(parts[2], "used_memory")
+            )
         )
     return apps
 
@@ -176,7 +178,9 @@ def read_nvidia_smi_local(timeout: float = 10.0) -> list[GpuState]:
             [exe, *QUERY_APPS_ARGS], capture_output=True, text=True, timeout=timeout, check=True
         ).stdout
     except subprocess.CalledProcessError as exc:
-        raise InventoryError(f"nvidia-smi exited {exc.returncode}: {exc.stderr.strip()[:200]}") from exc
+        raise InventoryError(
+            f"nvidia-smi exited {exc.returncode}: {exc.stderr.strip()[:200]}"
+        ) from exc
     except subprocess.TimeoutExpired as exc:
         raise InventoryError(f"nvidia-smi did not answer within {timeout:g}s") from exc
     return merge(parse_query_gpu(gpus), parse_query_apps(apps))

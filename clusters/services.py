@@ -31,7 +31,7 @@ def host_ensure_local() -> Host:
             "kind": HostKind.LOCAL,
             "hostname": "localhost",
             "port": 0,
-            "enabled": settings.LABSITE["LOCAL_HOST_ENABLED"],
+            "enabled": bool(settings.LABSITE["LOCAL_HOST_ENABLED"]),
             "run_root": str(settings.DATA_DIR / "runs"),
         },
     )
@@ -158,10 +158,10 @@ def gpu_policy_for(host: Host) -> gpu_lib.GpuPolicy:
     return gpu_lib.GpuPolicy(
         max_memory_used_mb=host.gpu_free_max_mem_mb
         if host.gpu_free_max_mem_mb is not None
-        else lab["GPU_FREE_MAX_MEM_MB"],
+        else int(lab["GPU_FREE_MAX_MEM_MB"]),
         max_utilization_pct=host.gpu_free_max_util_pct
         if host.gpu_free_max_util_pct is not None
-        else lab["GPU_FREE_MAX_UTIL_PCT"],
+        else int(lab["GPU_FREE_MAX_UTIL_PCT"]),
     )
 
 
@@ -211,7 +211,9 @@ def _probe(host: Host, now: Any) -> tuple[Host, str]:
     from clusters import ssh
 
     if host.kind == HostKind.LOCAL:
-        Host.objects.filter(pk=host.pk).update(state=HostState.ONLINE, last_seen_at=now, state_note="")
+        Host.objects.filter(pk=host.pk).update(
+            state=HostState.ONLINE, last_seen_at=now, state_note=""
+        )
         host.refresh_from_db()
         return host, HostState.ONLINE
     target = ssh.SshTransport.for_host(host).target

@@ -50,7 +50,9 @@ class _PinnedKeyPolicy(paramiko.MissingHostKeyPolicy):
         self.pinned = pinned
         self.seen: str | None = None
 
-    def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey) -> None:
+    def missing_host_key(
+        self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey
+    ) -> None:
         self.seen = fingerprint(key)
         if self.pinned and self.seen != self.pinned:
             raise HostKeyMismatch(self.name, self.pinned, self.seen)

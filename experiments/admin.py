@@ -17,8 +17,16 @@ class RunEventInline(admin.TabularInline):
     model = RunEvent
     extra = 0
     can_delete = False
-    readonly_fields = ["from_status", "to_status", "reason", "message", "actor_kind",
-                       "actor_user", "actor_token", "created_at"]
+    readonly_fields = [
+        "from_status",
+        "to_status",
+        "reason",
+        "message",
+        "actor_kind",
+        "actor_user",
+        "actor_token",
+        "created_at",
+    ]
 
     def has_add_permission(self, request, obj=None):  # type: ignore[no-untyped-def]
         return False
@@ -31,17 +39,36 @@ class RunAdmin(admin.ModelAdmin):
     list_display = ["id", "name", "status", "reason", "host", "gpus", "created_by", "created_at"]
     list_filter = ["status", "host"]
     search_fields = ["id", "name", "command", "chat_session_id"]
-    readonly_fields = ["status", "reason", "exit_code", "pid", "slurm_job_id", "created_at",
-                       "held_at", "queued_at", "launched_at", "started_at", "ended_at",
-                       "stop_requested_at", "updated_at"]
+    readonly_fields = [
+        "status",
+        "reason",
+        "exit_code",
+        "pid",
+        "slurm_job_id",
+        "created_at",
+        "held_at",
+        "queued_at",
+        "launched_at",
+        "started_at",
+        "ended_at",
+        "stop_requested_at",
+        "updated_at",
+    ]
     raw_id_fields = ["sweep", "plan", "parent", "created_by"]
     inlines = [RunEventInline]
 
 
 @admin.register(RunEvent)
 class RunEventAdmin(admin.ModelAdmin):
-    list_display = ["run", "from_status", "to_status", "reason", "actor_kind", "actor_user",
-                    "created_at"]
+    list_display = [
+        "run",
+        "from_status",
+        "to_status",
+        "reason",
+        "actor_kind",
+        "actor_user",
+        "created_at",
+    ]
     list_filter = ["to_status", "actor_kind"]
     raw_id_fields = ["run"]
 
@@ -53,14 +80,19 @@ class PlanEventInline(admin.TabularInline):
     model = PlanEvent
     extra = 0
     can_delete = False
-    readonly_fields = ["from_status", "to_status", "comment", "actor_kind", "actor_user",
-                       "created_at"]
+    readonly_fields = [
+        "from_status",
+        "to_status",
+        "comment",
+        "actor_kind",
+        "actor_user",
+        "created_at",
+    ]
 
 
 @admin.register(Plan)
 class PlanAdmin(admin.ModelAdmin):
-    list_display = ["id", "title", "status", "author", "reviewer", "gpu_hours_budget",
-                    "created_at"]
+    list_display = ["id", "title", "status", "author", "reviewer", "gpu_hours_budget", "created_at"]
     list_filter = ["status"]
     search_fields = ["id", "title", "goal"]
     readonly_fields = ["status", "reviewer", "decided_at", "submitted_at", "sections"]

@@ -31,7 +31,7 @@ RUN_TRANSITIONS: dict[str, frozenset[str]] = {
 }
 
 # Which timestamp a state stamps when a run enters it.
-STATE_TIMESTAMP = {
+STATE_TIMESTAMP: dict[str, str] = {
     RunStatus.HELD: "held_at",
     RunStatus.QUEUED: "queued_at",
     RunStatus.LAUNCHING: "launched_at",

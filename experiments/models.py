@@ -72,6 +72,9 @@ class PlanEvent(models.Model):
     class Meta:
         ordering = ["id"]
 
+    def __str__(self) -> str:
+        return f"{self.plan_id}: {self.from_status or '-'} -> {self.to_status}"
+
 
 class Sweep(models.Model):
     """A group of runs: a parameter grid expanded at once, or a wild sweep an agent fills."""
@@ -204,6 +207,9 @@ class GpuLease(models.Model):
             )
         ]
 
+    def __str__(self) -> str:
+        return f"{self.gpu_id} -> {self.run_id}{'' if self.released_at is None else ' (released)'}"
+
 
 class Alert(models.Model):
     """Something a person or agent must look at, with the answers it accepts."""
@@ -243,6 +249,9 @@ class Metric(models.Model):
     class Meta:
         indexes = [models.Index(fields=["run", "key", "seq"], name="metric_series")]
 
+    def __str__(self) -> str:
+        return f"{self.run_id} {self.key}@{self.step}={self.value}"
+
 
 class AgentCursor(models.Model):
     """What an agent session (of one user) has already been told by the events endpoint."""
@@ -257,6 +266,9 @@ class AgentCursor(models.Model):
         constraints = [
             models.UniqueConstraint(fields=["user", "session_id"], name="one_cursor_per_session")
         ]
+
+    def __str__(self) -> str:
+        return f"{self.user_id}:{self.session_id}"
 
 
 class PromptSkill(models.Model):

@@ -51,11 +51,15 @@ def _free_gpus(host: Host) -> list[Gpu]:
     """GPUs of the host that pass its policy and carry no active lease."""
     policy = gpu_policy_for(host)
     leased = set(
-        GpuLease.objects.filter(released_at__isnull=True, gpu__host=host).values_list("gpu_id", flat=True)
+        GpuLease.objects.filter(released_at__isnull=True, gpu__host=host).values_list(
+            "gpu_id", flat=True
+        )
     )
     return [
-        g for g in host.gpus.filter(present=True).order_by("index")
-        if g.id not in leased and not g.processes
+        g
+        for g in host.gpus.filter(present=True).order_by("index")
+        if g.id not in leased
+        and not g.processes
         and g.memory_used_mb <= policy.max_memory_used_mb
         and g.utilization_pct <= policy.max_utilization_pct
     ]
@@ -88,13 +92,19 @@ def run_place(run: Run) -> bool:
             for gpu in gpus:
                 GpuLease.objects.create(gpu=gpu, run=run)
             moved = services.run_transition(
-                run_id=run.id, to=RunStatus.LAUNCHING, from_=[RunStatus.QUEUED], actor=SYSTEM,
-                message=f"placed on {host.name}" + (f" GPUs {[g.index for g in gpus]}" if gpus else ""),
+                run_id=run.id,
+                to=RunStatus.LAUNCHING,
+                from_=[RunStatus.QUEUED],
+                actor=SYSTEM,
+                message=f"placed on {host.name}"
+                + (f" GPUs {[g.index for g in gpus]}" if gpus else ""),
                 fields={"host_id": host.id, "waiting_reason": "", "dispatch_attempts": 0},
             )
             if not moved:
                 raise _Lost()
-            transaction.on_commit(lambda: services._enqueue("experiments.tasks.dispatch_run", run.id))
+            transaction.on_commit(
+                lambda: services._enqueue("experiments.tasks.dispatch_run", run.id)
+            )
     except (IntegrityError, _Lost):
         return False  # another pass leased a GPU or moved the run first
     return True
@@ -157,19 +167,32 @@ def run_dispatch(run_id: str) -> None:
         return
     except (ProtocolError, ValueError) as exc:
         services.run_transition(
-            run_id=run_id, to=RunStatus.FAILED, from_=[RunStatus.LAUNCHING], actor=SYSTEM,
-            reason=RunReason.LAUNCH_ERROR, message=str(exc), fields={"error": str(exc)[:2000]},
+            run_id=run_id,
+            to=RunStatus.FAILED,
+            from_=[RunStatus.LAUNCHING],
+            actor=SYSTEM,
+            reason=RunReason.LAUNCH_ERROR,
+            message=str(exc),
+            fields={"error": str(exc)[:2000]},
         )
         return
     if pid is None:
         services.run_transition(
-            run_id=run_id, to=RunStatus.STOPPED, from_=[RunStatus.LAUNCHING], actor=SYSTEM,
-            reason=RunReason.USER_STOP, message="cancelled before it started",
+            run_id=run_id,
+            to=RunStatus.STOPPED,
+            from_=[RunStatus.LAUNCHING],
+            actor=SYSTEM,
+            reason=RunReason.USER_STOP,
+            message="cancelled before it started",
         )
         return
     services.run_transition(
-        run_id=run_id, to=RunStatus.RUNNING, from_=[RunStatus.LAUNCHING], actor=SYSTEM,
-        message=f"pid {pid} on {run.host.name}", fields={"pid": pid},
+        run_id=run_id,
+        to=RunStatus.RUNNING,
+        from_=[RunStatus.LAUNCHING],
+        actor=SYSTEM,
+        message=f"pid {pid} on {run.host.name}",
+        fields={"pid": pid},
     )
 
 
@@ -184,8 +207,10 @@ def host_poll(host_id: int) -> dict[str, Any]:
     runs = list(Run.objects.filter(host=host, status__in=list(ACTIVE)))
     if not runs:
         return {"runs": 0}
-    refs = [RunRef(r.id, host.run_root, log_offset=r.log_size, metrics_offset=r.metrics_offset)
-            for r in runs]
+    refs = [
+        RunRef(r.id, host.run_root, log_offset=r.log_size, metrics_offset=r.metrics_offset)
+        for r in runs
+    ]
     try:
         reports = executor_for(host).poll(refs)
     except HostKeyMismatch as exc:
@@ -210,8 +235,12 @@ def _apply(run: Run, report: RunReport) -> None:
     if report.state == "running":
         if run.status == RunStatus.LAUNCHING:
             services.run_transition(
-                run_id=run.id, to=RunStatus.RUNNING, from_=[RunStatus.LAUNCHING], actor=SYSTEM,
-                message=f"found running (pid {report.pid})", fields={"pid": report.pid},
+                run_id=run.id,
+                to=RunStatus.RUNNING,
+                from_=[RunStatus.LAUNCHING],
+                actor=SYSTEM,
+                message=f"found running (pid {report.pid})",
+                fields={"pid": report.pid},
             )
         return
     if report.state in ("starting", "missing"):
@@ -236,8 +265,13 @@ def _apply(run: Run, report: RunReport) -> None:
         if run.stop_requested_at is not None:
             _end(run, RunStatus.STOPPED, RunReason.USER_STOP, "stopped", None)
         else:
-            _end(run, RunStatus.FAILED, RunReason.LOST,
-                 "the process vanished without an exit code (host reboot, OOM killer?)", None)
+            _end(
+                run,
+                RunStatus.FAILED,
+                RunReason.LOST,
+                "the process vanished without an exit code (host reboot, OOM killer?)",
+                None,
+            )
 
 
 def _tail(run_id: str, size: int = 64 * 1024) -> bytes:
@@ -253,7 +287,13 @@ def _tail(run_id: str, size: int = 64 * 1024) -> bytes:
 def _end_failed(run: Run, code: int | None) -> None:
     """A real CUDA out-of-memory is the run's failure (cuda_oom), not contention."""
     if any(marker in _tail(run.id) for marker in OOM_MARKERS):
-        _end(run, RunStatus.FAILED, RunReason.CUDA_OOM, f"CUDA out of memory (exit code {code})", code)
+        _end(
+            run,
+            RunStatus.FAILED,
+            RunReason.CUDA_OOM,
+            f"CUDA out of memory (exit code {code})",
+            code,
+        )
     else:
         _end(run, RunStatus.FAILED, RunReason.EXIT_CODE, f"exit code {code}", code)
     services.scheduler_kick()
@@ -261,7 +301,12 @@ def _end_failed(run: Run, code: int | None) -> None:
 
 def _end(run: Run, to: str, reason: str, message: str, code: int | None = None) -> None:
     services.run_transition(
-        run_id=run.id, to=to, from_=list(ACTIVE), actor=SYSTEM, reason=reason, message=message,
+        run_id=run.id,
+        to=to,
+        from_=list(ACTIVE),
+        actor=SYSTEM,
+        reason=reason,
+        message=message,
         fields={"exit_code": code, "error": message if to == RunStatus.FAILED else ""},
     )
 
@@ -327,20 +372,28 @@ def _host_unreachable(host: Host, runs: list[Run], error: str) -> None:
 
 def _host_key_mismatch(host: Host, exc: HostKeyMismatch) -> None:
     """Refuse the host: nothing is sent to it until an admin accepts the new key."""
-    changed = Host.objects.filter(pk=host.pk).exclude(state=HostState.KEY_MISMATCH).update(
-        state=HostState.KEY_MISMATCH, state_note=str(exc)[:500],
-        facts={**host.facts, "presented_fingerprint": exc.got},
+    changed = (
+        Host.objects.filter(pk=host.pk)
+        .exclude(state=HostState.KEY_MISMATCH)
+        .update(
+            state=HostState.KEY_MISMATCH,
+            state_note=str(exc)[:500],
+            facts={**host.facts, "presented_fingerprint": exc.got},
+        )
     )
     if changed:
         _host_key_mismatch_alert(host, exc)
 
 
 def _host_key_mismatch_alert(host: Host, exc: HostKeyMismatch) -> None:
-    if not Alert.objects.filter(status="open", message__startswith=f"Host {host.name} presented").exists():
+    if not Alert.objects.filter(
+        status="open", message__startswith=f"Host {host.name} presented"
+    ).exists():
         services.alert_raise(
             message=f"Host {host.name} presented a different SSH host key ({exc.got}, pinned "
             f"{exc.expected}). Nothing is sent to it until an admin accepts the new key.",
-            severity="critical", choices=["acknowledge"],
+            severity="critical",
+            choices=["acknowledge"],
         )
 
 
@@ -354,7 +407,8 @@ def run_cancel(run_id: str) -> None:
         return
     try:
         left = executor_for(run.host).cancel(
-            run_id=run.id, run_root=run.host.run_root,
+            run_id=run.id,
+            run_root=run.host.run_root,
             grace_seconds=settings.LABSITE["STOP_GRACE_SECONDS"],
         )
     except TransportError as exc:
@@ -363,10 +417,14 @@ def run_cancel(run_id: str) -> None:
     if left:
         log.error("cancel of %s left %d process(es) on %s", run_id, left, run.host.name)
         return
-    host_poll(run.host_id)  # copy the last output, then record the end
+    host_poll(run.host.pk)  # copy the last output, then record the end
     services.run_transition(
-        run_id=run_id, to=RunStatus.STOPPED, from_=list(ACTIVE), actor=SYSTEM,
-        reason=RunReason.USER_STOP, message="stopped on the host",
+        run_id=run_id,
+        to=RunStatus.STOPPED,
+        from_=list(ACTIVE),
+        actor=SYSTEM,
+        reason=RunReason.USER_STOP,
+        message="stopped on the host",
     )
 
 
@@ -374,7 +432,8 @@ def hosts_with_active_runs() -> list[int]:
     return list(
         Run.objects.filter(status__in=list(ACTIVE), host__isnull=False)
         .order_by()  # the model's ordering would make DISTINCT return one row per run
-        .values_list("host_id", flat=True).distinct()
+        .values_list("host_id", flat=True)
+        .distinct()
     )
 
 
@@ -401,6 +460,9 @@ def host_probe(host_id: int) -> str:
         from clusters.ssh import HostKeyMismatch as Mismatch
 
         _host_key_mismatch_alert(
-            host, Mismatch(host.name, host.host_key_fingerprint, host.facts.get("presented_fingerprint", "?"))
+            host,
+            Mismatch(
+                host.name, host.host_key_fingerprint, host.facts.get("presented_fingerprint", "?")
+            ),
         )
     return outcome

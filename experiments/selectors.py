@@ -47,7 +47,10 @@ def gpu_state(gpu: Gpu, *, leased: bool, host: Host) -> str:
     if gpu.processes:
         return GPU_FOREIGN
     policy = gpu_policy_for(host)
-    if gpu.memory_used_mb > policy.max_memory_used_mb or gpu.utilization_pct > policy.max_utilization_pct:
+    if (
+        gpu.memory_used_mb > policy.max_memory_used_mb
+        or gpu.utilization_pct > policy.max_utilization_pct
+    ):
         return GPU_BUSY
     return GPU_FREE
 
@@ -121,7 +124,9 @@ def cluster_state() -> dict[str, Any]:
         },
         "hosts": host_rows,
         "runs": counts,
-        "capacity": capacity(counts=counts, gpu_total=direct_gpus + slurm_gpus, gpu_free=totals[GPU_FREE]),
+        "capacity": capacity(
+            counts=counts, gpu_total=direct_gpus + slurm_gpus, gpu_free=totals[GPU_FREE]
+        ),
     }
 
 

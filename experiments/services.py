@@ -91,9 +91,7 @@ def run_transition(
             actor_token=actor.token,
         )
         if to in TERMINAL or to == RunStatus.QUEUED:
-            GpuLease.objects.filter(run_id=run_id, released_at__isnull=True).update(
-                released_at=now
-            )
+            GpuLease.objects.filter(run_id=run_id, released_at__isnull=True).update(released_at=now)
     return True
 
 
@@ -132,8 +130,10 @@ def validate_gpuwrap_config(config: Any) -> dict[str, Any]:
     unknown = sorted(set(config) - GPUWRAP_KEYS)
     if unknown:
         raise ValidationError(
-            {"gpuwrap_config": f"unknown field(s) {', '.join(unknown)}; "
-             f"allowed: {', '.join(sorted(GPUWRAP_KEYS))}"}
+            {
+                "gpuwrap_config": f"unknown field(s) {', '.join(unknown)}; "
+                f"allowed: {', '.join(sorted(GPUWRAP_KEYS))}"
+            }
         )
     enabled = config.get("enabled", False)
     if not isinstance(enabled, bool):
@@ -182,7 +182,7 @@ def run_create(
     parent: Run | None = None,
     kick: bool = True,
 ) -> Run:
-    """Create a run: `queued` (or `held` behind an unapproved plan) with auto_start, else `ready`."""
+    """A run: `queued` (`held` behind an unapproved plan) with auto_start, else `ready`."""
     command = (command or "").strip()
     if not command:
         raise ValidationError({"command": "must not be empty"})
@@ -198,11 +198,7 @@ def run_create(
     clean_env = _check_env(env)
     effective_plan = _effective_plan(plan=plan, sweep=sweep)
     _check_plan_link(effective_plan)
-    if (
-        settings.LABSITE["REQUIRE_PLAN_FOR_GPU_WORK"]
-        and gpus > 0
-        and effective_plan is None
-    ):
+    if settings.LABSITE["REQUIRE_PLAN_FOR_GPU_WORK"] and gpus > 0 and effective_plan is None:
         raise ValidationError(
             {"plan_id": "this lab requires a plan for GPU work: create one and pass plan_id"}
         )
@@ -254,7 +250,9 @@ def run_start(*, run: Run, actor: Actor) -> Run:
     _require_owner(actor, run.created_by_id, "start this run")
     to = _start_status(_effective_plan(plan=run.plan, sweep=run.sweep))
     reason = RunReason.PLAN_NOT_APPROVED if to == RunStatus.HELD else ""
-    if not run_transition(run_id=run.id, to=to, from_=[RunStatus.READY], actor=actor, reason=reason):
+    if not run_transition(
+        run_id=run.id, to=to, from_=[RunStatus.READY], actor=actor, reason=reason
+    ):
         run.refresh_from_db()
         raise Conflict(f"run {run.id} is {run.status}; only a ready run can be started")
     if to == RunStatus.QUEUED:
@@ -271,7 +269,9 @@ def run_stop(*, run: Run, actor: Actor, reason: str = RunReason.USER_STOP) -> Ru
     """
     _require_owner(actor, run.created_by_id, "stop this run")
     waiting = [RunStatus.READY, RunStatus.HELD, RunStatus.QUEUED]
-    if run_transition(run_id=run.id, to=RunStatus.STOPPED, from_=waiting, actor=actor, reason=reason):
+    if run_transition(
+        run_id=run.id, to=RunStatus.STOPPED, from_=waiting, actor=actor, reason=reason
+    ):
         run.refresh_from_db()
         return run
     run.refresh_from_db()
@@ -279,7 +279,8 @@ def run_stop(*, run: Run, actor: Actor, reason: str = RunReason.USER_STOP) -> Ru
         raise Conflict(f"run {run.id} is already {run.status}")
     with transaction.atomic():
         marked = Run.objects.filter(
-            pk=run.id, status__in=[RunStatus.LAUNCHING, RunStatus.RUNNING],
+            pk=run.id,
+            status__in=[RunStatus.LAUNCHING, RunStatus.RUNNING],
             stop_requested_at__isnull=True,
         ).update(stop_requested_at=timezone.now())
         if marked:
@@ -410,8 +411,10 @@ def sweep_create_grid(
     points = grid_points(clean)
     if max_runs is not None and len(points) > max_runs:
         raise ValidationError(
-            {"max_runs": f"the grid has {len(points)} points, more than max_runs={max_runs}; "
-             "shrink the grid or raise max_runs"}
+            {
+                "max_runs": f"the grid has {len(points)} points, more than max_runs={max_runs}; "
+                "shrink the grid or raise max_runs"
+            }
         )
     options = dict(run_options or {})
     with transaction.atomic():
@@ -453,8 +456,10 @@ def _section_key(title: str) -> str | None:
     norm = re.sub(r"[^a-z]+", " ", title.lower()).strip()
     for name in PLAN_SECTIONS:
         canon = re.sub(r"[^a-z]+", " ", name.lower()).strip()
-        if norm == canon or norm.startswith(canon) or (
-            name == "Risks & Mitigations" and norm.startswith("risks")
+        if (
+            norm == canon
+            or norm.startswith(canon)
+            or (name == "Risks & Mitigations" and norm.startswith("risks"))
         ):
             return name
     return None
@@ -606,8 +611,12 @@ def plan_approve(
     with transaction.atomic():
         for run_id in _plan_runs(plan, [RunStatus.HELD]):
             run_transition(
-                run_id=run_id, to=RunStatus.QUEUED, from_=[RunStatus.HELD], actor=actor,
-                reason="plan_approved", message=f"plan {plan.id} approved",
+                run_id=run_id,
+                to=RunStatus.QUEUED,
+                from_=[RunStatus.HELD],
+                actor=actor,
+                reason="plan_approved",
+                message=f"plan {plan.id} approved",
             )
         scheduler_kick()
     return plan
@@ -622,13 +631,20 @@ def plan_reject(*, plan: Plan, actor: Actor, comment: str = "") -> Plan:
         from_=PLAN_DECIDABLE,
         actor=actor,
         comment=comment,
-        fields={"reviewer": actor.user, "review_comment": comment or "", "decided_at": timezone.now()},
+        fields={
+            "reviewer": actor.user,
+            "review_comment": comment or "",
+            "decided_at": timezone.now(),
+        },
     )
     for run_id in _plan_runs(plan, [RunStatus.HELD, RunStatus.READY, RunStatus.QUEUED]):
         run_transition(
-            run_id=run_id, to=RunStatus.STOPPED, actor=actor,
+            run_id=run_id,
+            to=RunStatus.STOPPED,
+            actor=actor,
             from_=[RunStatus.HELD, RunStatus.READY, RunStatus.QUEUED],
-            reason=RunReason.PLAN_REJECTED, message=f"plan {plan.id} rejected: {comment}"[:500],
+            reason=RunReason.PLAN_REJECTED,
+            message=f"plan {plan.id} rejected: {comment}"[:500],
         )
     return plan
 
@@ -660,7 +676,10 @@ ALERT_ACTIONS = {"stop": run_stop, "rerun": run_rerun}
 
 
 def alert_raise(
-    *, message: str, run: Run | None = None, severity: str = "warning",
+    *,
+    message: str,
+    run: Run | None = None,
+    severity: str = "warning",
     choices: Iterable[str] = ("acknowledge",),
 ) -> Alert:
     return Alert.objects.create(run=run, message=message, severity=severity, choices=list(choices))
@@ -676,14 +695,18 @@ def alert_respond(*, alert: Alert, actor: Actor, choice: str) -> Alert:
         raise ValidationError({"choice": f"{choice!r} is not one of {', '.join(alert.choices)}"})
     with transaction.atomic():
         if not Alert.objects.filter(pk=alert.pk, status=AlertStatus.OPEN).update(
-            status=AlertStatus.RESOLVED, response=choice, responded_by=actor.user,
+            status=AlertStatus.RESOLVED,
+            response=choice,
+            responded_by=actor.user,
             responded_at=timezone.now(),
         ):
             alert.refresh_from_db()
             raise Conflict(f"alert {alert.pk} was already answered ({alert.response})")
         action = ALERT_ACTIONS.get(choice)
-        if alert.run is not None and action is not None and alert.run.status in NON_TERMINAL | (
-            TERMINAL if choice == "rerun" else set()
+        if (
+            alert.run is not None
+            and action is not None
+            and alert.run.status in NON_TERMINAL | (TERMINAL if choice == "rerun" else set())
         ):
             action(run=alert.run, actor=actor)
     alert.refresh_from_db()

@@ -55,7 +55,9 @@ def json_404(request: Any, exception: Exception | None = None) -> JsonResponse:
     from django.views.defaults import page_not_found
 
     if request.path.startswith("/api/"):
-        return JsonResponse({"detail": f"Not found: {request.path}"}, status=status.HTTP_404_NOT_FOUND)
+        return JsonResponse(
+            {"detail": f"Not found: {request.path}"}, status=status.HTTP_404_NOT_FOUND
+        )
     return page_not_found(request, exception)  # type: ignore[arg-type,return-value]
 
 

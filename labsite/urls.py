@@ -16,7 +16,9 @@ urlpatterns = [
     ),
     re_path(
         r"^api/docs/?$",
-        SpectacularSwaggerView.as_view(url_name="schema", permission_classes=[permissions.AllowAny]),
+        SpectacularSwaggerView.as_view(
+            url_name="schema", permission_classes=[permissions.AllowAny]
+        ),
         name="api-docs",
     ),
     path("api/", include("experiments.api.urls")),

@@ -30,7 +30,9 @@ def log_metrics(step: int | None = None, **values: float) -> None:
             record[key] = number
     line = json.dumps(record, separators=(",", ":")) + "\n"
     # One write of one whole line in append mode: concurrent writers never interleave a line.
-    fd = os.open(os.path.join(run_dir, "metrics.jsonl"), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    fd = os.open(
+        os.path.join(run_dir, "metrics.jsonl"), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600
+    )
     try:
         os.write(fd, line.encode())
     finally:

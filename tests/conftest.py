@@ -33,7 +33,9 @@ def _person(username: str, role: str | None) -> Person:
 @pytest.fixture(autouse=True)
 def _require_postgres(request: pytest.FixtureRequest) -> None:
     """The tiers that talk to real services run on PostgreSQL, never silently on SQLite."""
-    needs_pg = request.node.get_closest_marker("integration") or request.node.get_closest_marker("ssh")
+    needs_pg = request.node.get_closest_marker("integration") or request.node.get_closest_marker(
+        "ssh"
+    )
     if needs_pg and {"db", "transactional_db"} & set(request.fixturenames):
         from django.db import connection
 

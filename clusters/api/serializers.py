@@ -15,10 +15,25 @@ class HostSerializer(serializers.ModelSerializer):
     class Meta:
         model = Host
         fields = [
-            "id", "name", "kind", "hostname", "port", "username", "env_setup", "run_root",
-            "enabled", "host_key_fingerprint", "state", "state_note", "last_seen_at",
-            "gpu_source", "gpu_count", "gpu_free_max_mem_mb", "gpu_free_max_util_pct",
-            "has_identity", "created_at",
+            "id",
+            "name",
+            "kind",
+            "hostname",
+            "port",
+            "username",
+            "env_setup",
+            "run_root",
+            "enabled",
+            "host_key_fingerprint",
+            "state",
+            "state_note",
+            "last_seen_at",
+            "gpu_source",
+            "gpu_count",
+            "gpu_free_max_mem_mb",
+            "gpu_free_max_util_pct",
+            "has_identity",
+            "created_at",
         ]
         read_only_fields = fields
 
@@ -36,15 +51,27 @@ class HostWriteSerializer(serializers.ModelSerializer):
     class Meta:
         model = Host
         fields = [
-            "name", "kind", "hostname", "port", "username", "identity_file", "private_key",
-            "env_setup", "run_root", "enabled", "host_key_fingerprint",
-            "gpu_free_max_mem_mb", "gpu_free_max_util_pct",
+            "name",
+            "kind",
+            "hostname",
+            "port",
+            "username",
+            "identity_file",
+            "private_key",
+            "env_setup",
+            "run_root",
+            "enabled",
+            "host_key_fingerprint",
+            "gpu_free_max_mem_mb",
+            "gpu_free_max_util_pct",
         ]
         extra_kwargs = {"identity_file": {"write_only": True}}
 
     def validate(self, attrs: dict) -> dict:
         kind = attrs.get("kind", getattr(self.instance, "kind", HostKind.SSH))
-        if kind == HostKind.SSH and not (attrs.get("hostname") or getattr(self.instance, "hostname", "")):
+        if kind == HostKind.SSH and not (
+            attrs.get("hostname") or getattr(self.instance, "hostname", "")
+        ):
             raise serializers.ValidationError({"hostname": "an ssh host needs a hostname"})
         fp = attrs.get("host_key_fingerprint", "")
         if fp and not fp.startswith("SHA256:"):
@@ -52,7 +79,9 @@ class HostWriteSerializer(serializers.ModelSerializer):
                 {"host_key_fingerprint": "give it as ssh-keygen -lf prints it: SHA256:..."}
             )
         if attrs.get("identity_file") and attrs.get("private_key"):
-            raise serializers.ValidationError({"private_key": "give identity_file or private_key, not both"})
+            raise serializers.ValidationError(
+                {"private_key": "give identity_file or private_key, not both"}
+            )
         return attrs
 
 

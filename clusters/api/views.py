@@ -95,14 +95,16 @@ class HostViewSet(viewsets.ModelViewSet):
         values = dict(data.validated_data)
         key_text = values.pop("private_key", None)
         if key_text:
-            values["identity_file"] = services.store_private_key(host_name=host.name, key_text=key_text)
+            values["identity_file"] = services.store_private_key(
+                host_name=host.name, key_text=key_text
+            )
         if {"hostname", "port"} & values.keys() and "host_key_fingerprint" not in values:
             values["host_key_fingerprint"] = ""
         Host.objects.filter(pk=host.pk).update(**values)
         return self._out(host)
 
     def destroy(self, request: Request, pk: str) -> Response:
-        """Remove a host that never ran anything; disable it otherwise (its runs keep their history)."""
+        """Remove a host that never ran anything; otherwise disable it (runs keep their history)."""
         host = self.get_object()
         if host.runs.exists():
             raise Conflict(f"host {host.name} has runs; disable it instead (PATCH enabled=false)")

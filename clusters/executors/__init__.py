@@ -15,8 +15,14 @@ from clusters.executors import protocol
 from clusters.executors.protocol import LaunchSpec, ProtocolError, RunRef, RunReport
 
 __all__ = [
-    "Executor", "LaunchSpec", "LocalTransport", "ProtocolError", "RunRef", "RunReport",
-    "TransportError", "executor_for",
+    "Executor",
+    "LaunchSpec",
+    "LocalTransport",
+    "ProtocolError",
+    "RunRef",
+    "RunReport",
+    "TransportError",
+    "executor_for",
 ]
 
 
@@ -46,11 +52,16 @@ class LocalTransport:
                 argv, input=script.encode(), capture_output=True, timeout=timeout, check=False
             )
         except subprocess.TimeoutExpired as exc:
-            raise TransportError(f"local {interpreter} did not finish within {timeout:g} s") from exc
+            raise TransportError(
+                f"local {interpreter} did not finish within {timeout:g} s"
+            ) from exc
         except OSError as exc:
             raise TransportError(f"cannot run {argv[0]}: {exc}") from exc
-        return Result(done.returncode, done.stdout.decode(errors="replace"),
-                      done.stderr.decode(errors="replace"))
+        return Result(
+            done.returncode,
+            done.stdout.decode(errors="replace"),
+            done.stderr.decode(errors="replace"),
+        )
 
 
 class Executor:
@@ -77,7 +88,8 @@ class Executor:
     def cancel(self, *, run_id: str, run_root: str, grace_seconds: float) -> int:
         """SIGTERM, grace, SIGKILL; returns how many of the run's processes are left (0)."""
         result = self.transport.run(
-            "bash", protocol.cancel_script(run_root, run_id, grace_seconds),
+            "bash",
+            protocol.cancel_script(run_root, run_id, grace_seconds),
             self.timeout + grace_seconds + 10,
         )
         return protocol.parse_cancel(result.stdout)
@@ -92,4 +104,6 @@ def executor_for(host: object) -> Executor:
         from clusters.ssh import SshTransport
 
         return Executor(SshTransport.for_host(host))
-    raise TransportError(f"host {getattr(host, 'name', '?')} of kind {kind!r} cannot run commands yet")
+    raise TransportError(
+        f"host {getattr(host, 'name', '?')} of kind {kind!r} cannot run commands yet"
+    )

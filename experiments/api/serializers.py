@@ -30,17 +30,45 @@ class RunSerializer(serializers.ModelSerializer):
     class Meta:
         model = Run
         fields = [
-            "id", "name", "status", "reason", "error", "command", "workdir", "env", "params",
-            "sweep_id", "plan_id", "parent_id", "priority", "gpus", "min_free_mem_mb",
-            "gpuwrap_config", "host", "leased_gpus", "exit_code", "pid", "slurm_job_id",
-            "waiting_reason", "metrics_latest", "log_size",
-            "chat_session_id", "created_by", "stop_requested_at", "created_at", "held_at",
-            "queued_at", "launched_at", "started_at", "ended_at", "updated_at",
+            "id",
+            "name",
+            "status",
+            "reason",
+            "error",
+            "command",
+            "workdir",
+            "env",
+            "params",
+            "sweep_id",
+            "plan_id",
+            "parent_id",
+            "priority",
+            "gpus",
+            "min_free_mem_mb",
+            "gpuwrap_config",
+            "host",
+            "leased_gpus",
+            "exit_code",
+            "pid",
+            "slurm_job_id",
+            "waiting_reason",
+            "metrics_latest",
+            "log_size",
+            "chat_session_id",
+            "created_by",
+            "stop_requested_at",
+            "created_at",
+            "held_at",
+            "queued_at",
+            "launched_at",
+            "started_at",
+            "ended_at",
+            "updated_at",
         ]
         read_only_fields = fields
 
     def get_host(self, run: Run) -> str | None:
-        return run.host.name if run.host_id else None
+        return run.host.name if run.host is not None else None
 
     def get_leased_gpus(self, run: Run) -> list[dict[str, Any]]:
         leases = getattr(run, "active_leases", None)
@@ -84,8 +112,19 @@ class SweepSerializer(serializers.ModelSerializer):
     class Meta:
         model = Sweep
         fields = [
-            "id", "name", "goal", "kind", "plan_id", "base_command", "parameters", "max_runs",
-            "chat_session_id", "created_by", "created_at", "status", "progress",
+            "id",
+            "name",
+            "goal",
+            "kind",
+            "plan_id",
+            "base_command",
+            "parameters",
+            "max_runs",
+            "chat_session_id",
+            "created_by",
+            "created_at",
+            "status",
+            "progress",
         ]
         read_only_fields = fields
 
@@ -166,7 +205,7 @@ class PlanEventSerializer(serializers.ModelSerializer):
         read_only_fields = fields
 
     def get_actor(self, event: PlanEvent) -> str | None:
-        return event.actor_user.username if event.actor_user_id else None
+        return event.actor_user.username if event.actor_user is not None else None
 
 
 class PlanSerializer(serializers.ModelSerializer):
@@ -176,14 +215,26 @@ class PlanSerializer(serializers.ModelSerializer):
     class Meta:
         model = Plan
         fields = [
-            "id", "title", "goal", "status", "raw_markdown", "sections", "session_id", "author",
-            "reviewer", "review_comment", "decided_at", "gpu_hours_budget", "submitted_at",
-            "created_at", "updated_at",
+            "id",
+            "title",
+            "goal",
+            "status",
+            "raw_markdown",
+            "sections",
+            "session_id",
+            "author",
+            "reviewer",
+            "review_comment",
+            "decided_at",
+            "gpu_hours_budget",
+            "submitted_at",
+            "created_at",
+            "updated_at",
         ]
         read_only_fields = fields
 
     def get_reviewer(self, plan: Plan) -> str | None:
-        return plan.reviewer.username if plan.reviewer_id else None
+        return plan.reviewer.username if plan.reviewer is not None else None
 
 
 class PlanDetailSerializer(PlanSerializer):
@@ -224,13 +275,21 @@ class AlertSerializer(serializers.ModelSerializer):
     class Meta:
         model = Alert
         fields = [
-            "id", "run_id", "severity", "message", "choices", "status", "response",
-            "responded_by", "responded_at", "created_at",
+            "id",
+            "run_id",
+            "severity",
+            "message",
+            "choices",
+            "status",
+            "response",
+            "responded_by",
+            "responded_at",
+            "created_at",
         ]
         read_only_fields = fields
 
     def get_responded_by(self, alert: Alert) -> str | None:
-        return alert.responded_by.username if alert.responded_by_id else None
+        return alert.responded_by.username if alert.responded_by is not None else None
 
 
 class AlertRespondSerializer(serializers.Serializer):
@@ -243,7 +302,7 @@ class PromptSkillSummarySerializer(serializers.Serializer):
     description = serializers.CharField()
     category = serializers.CharField()
     variables = serializers.ListField(child=serializers.CharField())
-    source = serializers.CharField()
+    source = serializers.CharField()  # type: ignore[assignment]
 
 
 class PromptSkillSerializer(PromptSkillSummarySerializer):

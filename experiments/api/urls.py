@@ -25,7 +25,9 @@ urlpatterns = [
     path("cluster", views.ClusterView.as_view(), name="cluster"),
     path("cluster/detect", views.ClusterDetectView.as_view(), name="cluster-detect"),
     path("wild/v2/system-health", views.SystemHealthView.as_view(), name="system-health"),
-    path("wild/v2/events/<str:session_id>", views.SessionEventsView.as_view(), name="session-events"),
+    path(
+        "wild/v2/events/<str:session_id>", views.SessionEventsView.as_view(), name="session-events"
+    ),
     path("health", views.HealthView.as_view(), name="health"),
     *router.urls,
 ]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from django.db import transaction
 from django.db.models import QuerySet
@@ -117,8 +117,12 @@ class RunViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gene
 
     @extend_schema(
         parameters=[
-            OpenApiParameter("offset", int, description="byte offset; negative counts from the end"),
-            OpenApiParameter("limit", int, description="bytes to return (default 65536, max 4 MiB)"),
+            OpenApiParameter(
+                "offset", int, description="byte offset; negative counts from the end"
+            ),
+            OpenApiParameter(
+                "limit", int, description="bytes to return (default 65536, max 4 MiB)"
+            ),
         ],
         responses=OpenApiTypes.OBJECT,
     )
@@ -230,9 +234,11 @@ class PlanViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gen
         return plan
 
     def _out(self, plan: Plan) -> dict[str, Any]:
-        plan = Plan.objects.select_related("author", "reviewer").prefetch_related(
-            "events__actor_user"
-        ).get(pk=plan.pk)
+        plan = (
+            Plan.objects.select_related("author", "reviewer")
+            .prefetch_related("events__actor_user")
+            .get(pk=plan.pk)
+        )
         return s.PlanDetailSerializer(plan).data
 
     @extend_schema(request=s.PlanCreateSerializer, responses={201: s.PlanDetailSerializer})
@@ -263,7 +269,9 @@ class PlanViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gen
     def _decide(self, request: Request, serializer: type[Any], service: Any) -> Response:
         data = serializer(data=request.data)
         data.is_valid(raise_exception=True)
-        plan = service(plan=self.get_object(), actor=Actor.from_request(request), **data.validated_data)
+        plan = service(
+            plan=self.get_object(), actor=Actor.from_request(request), **data.validated_data
+        )
         return Response(self._out(plan))
 
     @extend_schema(request=s.PlanDecisionSerializer, responses=s.PlanDetailSerializer)
@@ -307,9 +315,11 @@ class AlertViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Ge
         return Alert.objects.select_related("responded_by", "run")
 
     def get_object(self) -> Alert:
-        alert = self.get_queryset().filter(pk=self.kwargs["pk"]).first() if str(
-            self.kwargs["pk"]
-        ).isdigit() else None
+        alert = (
+            self.get_queryset().filter(pk=self.kwargs["pk"]).first()
+            if str(self.kwargs["pk"]).isdigit()
+            else None
+        )
         if alert is None:
             raise NotFound(f"Alert not found: {self.kwargs['pk']}")
         return alert
@@ -321,7 +331,8 @@ class AlertViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Ge
         data = s.AlertRespondSerializer(data=request.data)
         data.is_valid(raise_exception=True)
         alert = services.alert_respond(
-            alert=self.get_object(), actor=Actor.from_request(request),
+            alert=self.get_object(),
+            actor=Actor.from_request(request),
             choice=data.validated_data["choice"],
         )
         return Response(s.AlertSerializer(alert).data)
@@ -369,20 +380,24 @@ class SessionEventsView(APIView):
 
     @extend_schema(responses=OpenApiTypes.OBJECT)
     def get(self, request: Request, session_id: str) -> Response:
-        user = request.user
+        user: Any = request.user
         see_all = roles.is_pi(user) or roles.is_admin(user)
         with transaction.atomic():
             cursor, _ = AgentCursor.objects.get_or_create(user=user, session_id=session_id)
             cursor = AgentCursor.objects.select_for_update().get(pk=cursor.pk)
             events = list(
                 selectors.session_run_events(
-                    user=user, session_id=session_id, after_id=cursor.last_run_event_id,
+                    user=user,
+                    session_id=session_id,
+                    after_id=cursor.last_run_event_id,
                     see_all=see_all,
                 )[:500]
             )
             alerts = list(
                 selectors.session_alerts(
-                    user=user, session_id=session_id, after_id=cursor.last_alert_id,
+                    user=user,
+                    session_id=session_id,
+                    after_id=cursor.last_alert_id,
                     see_all=see_all,
                 )[:500]
             )
@@ -451,7 +466,7 @@ class PromptSkillViewSet(viewsets.ViewSet):
 
     @extend_schema(request=s.PromptSkillUpdateSerializer, responses=s.PromptSkillSerializer)
     def partial_update(self, request: Request, pk: str) -> Response:
-        """Edit a skill (needs the change_promptskill permission); the edit replaces the shipped text."""
+        """Edit a skill (needs the change_promptskill permission); the edit replaces the file."""
         current = self._get(pk)
         data = s.PromptSkillUpdateSerializer(data=request.data)
         data.is_valid(raise_exception=True)
@@ -464,7 +479,7 @@ class PromptSkillViewSet(viewsets.ViewSet):
                 "category": v.get("category", current.category),
                 "variables": v.get("variables", current.variables),
                 "template": v.get("template", current.template),
-                "updated_by": request.user,
+                "updated_by": cast(Any, request.user),
             },
         )
         return self.retrieve(request, pk)
@@ -520,5 +535,7 @@ def api_catalog(request: Request) -> str:
             if method not in {"get", "post", "put", "patch", "delete"}:
                 continue
             summary = (op.get("summary") or op.get("description") or "").strip().splitlines()
-            lines.append(f"{method.upper()} {path} - {summary[0] if summary else op.get('operationId', '')}")
+            lines.append(
+                f"{method.upper()} {path} - {summary[0] if summary else op.get('operationId', '')}"
+            )
     return "\n".join(lines)

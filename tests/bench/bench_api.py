@@ -45,29 +45,42 @@ def seed() -> str:
     _, token = ApiToken.issue(user)
     if Run.objects.count() >= N_RUNS:
         return token
-    hosts = [Host.objects.get_or_create(name=f"bench-{i}", defaults={"kind": "ssh"})[0]
-             for i in range(4)]
+    hosts = [
+        Host.objects.get_or_create(name=f"bench-{i}", defaults={"kind": "ssh"})[0] for i in range(4)
+    ]
     now = timezone.now()
     gpus = [
-        Gpu.objects.get_or_create(uuid=f"GPU-bench-{h.id}-{i}",
-                                  defaults={"host": h, "index": i, "updated_at": now})[0]
-        for h in hosts for i in range(8)
+        Gpu.objects.get_or_create(
+            uuid=f"GPU-bench-{h.id}-{i}", defaults={"host": h, "index": i, "updated_at": now}
+        )[0]
+        for h in hosts
+        for i in range(8)
     ]
     sweep = Sweep.objects.create(name="bench", created_by=user)
     statuses = ["queued", "running", "finished", "failed", "stopped", "ready"]
     batch = [
-        Run(name=f"bench-{i}", command=f"python train.py --seed={i}", status=statuses[i % 6],
-            created_by=user, host=hosts[i % 4], sweep=sweep if i % 3 == 0 else None,
-            gpus=1, params={"seed": i})
+        Run(
+            name=f"bench-{i}",
+            command=f"python train.py --seed={i}",
+            status=statuses[i % 6],
+            created_by=user,
+            host=hosts[i % 4],
+            sweep=sweep if i % 3 == 0 else None,
+            gpus=1,
+            params={"seed": i},
+        )
         for i in range(N_RUNS)
     ]
     Run.objects.bulk_create(batch, batch_size=2000)
     # Spread creation times so "newest first" is a real ordering.
     with connection.cursor() as cur:
-        cur.execute("UPDATE experiments_run SET created_at = %s - (random() * interval '30 days')",
-                    [now])
+        cur.execute(
+            "UPDATE experiments_run SET created_at = %s - (random() * interval '30 days')", [now]
+        )
     running = list(Run.objects.filter(status="running").order_by("-created_at")[: len(gpus)])
-    GpuLease.objects.bulk_create(GpuLease(gpu=g, run=r) for g, r in zip(gpus, running, strict=False))
+    GpuLease.objects.bulk_create(
+        GpuLease(gpu=g, run=r) for g, r in zip(gpus, running, strict=False)
+    )
     connection.cursor().execute("ANALYZE")
     return token
 
@@ -91,9 +104,18 @@ def free_port() -> int:
 def http_latencies(token: str, path: str) -> list[float]:
     port = free_port()
     server = subprocess.Popen(
-        [str(Path(sys.executable).parent / "gunicorn"), "labsite.wsgi:application", "--bind",
-         f"127.0.0.1:{port}", "--workers", "2", "--log-level", "warning"],
-        cwd=ROOT, start_new_session=True,
+        [
+            str(Path(sys.executable).parent / "gunicorn"),
+            "labsite.wsgi:application",
+            "--bind",
+            f"127.0.0.1:{port}",
+            "--workers",
+            "2",
+            "--log-level",
+            "warning",
+        ],
+        cwd=ROOT,
+        start_new_session=True,
     )
     try:
         deadline = time.monotonic() + 30

@@ -56,8 +56,12 @@ def client() -> APIClient:
 
 def register(lab_host) -> Host:
     host = Host.objects.create(
-        name=lab_host.name, kind="ssh", hostname=lab_host.ip, port=lab_host.port,
-        username=lab_host.username, identity_file=str(lab_host.key_path),
+        name=lab_host.name,
+        kind="ssh",
+        hostname=lab_host.ip,
+        port=lab_host.port,
+        username=lab_host.username,
+        identity_file=str(lab_host.key_path),
     )
     host, outcome = host_probe(host.pk)
     assert outcome == "online", host.state_note
@@ -69,8 +73,11 @@ def submit_to_start(api: APIClient, host: Host, root: Path) -> list[float]:
     samples = []
     for i in range(N_SUBMIT + 5):
         t0 = time.time()
-        response = api.post("/api/runs", {"command": "true", "name": f"lat-{i}",
-                                          "host": host.name, "auto_start": True}, format="json")
+        response = api.post(
+            "/api/runs",
+            {"command": "true", "name": f"lat-{i}", "host": host.name, "auto_start": True},
+            format="json",
+        )
         assert response.status_code == 201, response.content
         started = root / response.json()["id"] / "started_at"
         wait_for(lambda p=started: p.exists() and p.read_text().strip(), 30, 0.001)
@@ -89,8 +96,13 @@ def poll_cycle(lab: SshLab, hosts: list[Host]) -> dict[str, float]:
         ex = Executor(ssh.SshTransport.for_host(host))
         rows = []
         for i in range(per_host):
-            run = Run(name=f"poll-{host.name}-{i}", command="sleep 600", status="running",
-                      host=host, created_by=user)
+            run = Run(
+                name=f"poll-{host.name}-{i}",
+                command="sleep 600",
+                status="running",
+                host=host,
+                created_by=user,
+            )
             pid = ex.launch(LaunchSpec(run_id=run.id, command=run.command, run_root=host.run_root))
             run.pid = pid
             rows.append(run)
@@ -119,8 +131,12 @@ def poll_cycle(lab: SshLab, hosts: list[Host]) -> dict[str, float]:
         trips = calls["n"] / 5
     finally:
         ssh.SshTransport.run = original  # type: ignore[method-assign]
-    return {"runs": per_host * len(hosts), "round_trips": trips, "wall_p50": statistics.median(walls),
-            "wall_max": max(walls)}
+    return {
+        "runs": per_host * len(hosts),
+        "round_trips": trips,
+        "wall_p50": statistics.median(walls),
+        "wall_max": max(walls),
+    }
 
 
 def _poll_in_thread(host_id: int) -> None:
@@ -134,7 +150,10 @@ def main() -> None:
     assert connection.vendor == "postgresql", "the benchmark runs on PostgreSQL"
     redis_test_client().flushdb()
     api = client()
-    lines = [f"# Runs on hosts (measured {time.strftime('%Y-%m-%d %H:%M')} UTC, 2-core machine)", ""]
+    lines = [
+        f"# Runs on hosts (measured {time.strftime('%Y-%m-%d %H:%M')} UTC, 2-core machine)",
+        "",
+    ]
     logs = ROOT / "bench-results" / "worker-logs"
     logs.mkdir(parents=True, exist_ok=True)
     for old in logs.glob("*"):

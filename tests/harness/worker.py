@@ -76,17 +76,35 @@ class Worker:
 
     @property
     def log_text(self) -> str:
-        return "".join(p.read_text(errors="replace") for p in sorted(self.log_dir.glob("worker-*.log")))
+        return "".join(
+            p.read_text(errors="replace") for p in sorted(self.log_dir.glob("worker-*.log"))
+        )
 
     def start(self, wait: bool = True) -> Worker:
         self.starts += 1
         log = (self.log_dir / f"worker-{self.starts}.log").open("wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "labsite", "worker", "--loglevel=INFO",
-             "--concurrency=4", "--without-gossip", "--without-mingle", "-B",
-             "--schedule", str(self.log_dir / "beat-schedule"),
-             "-n", f"test-{os.getpid()}-{self.starts}@%h"],
-            cwd=ROOT, env=child_env(**self.env), stdout=log, stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "labsite",
+                "worker",
+                "--loglevel=INFO",
+                "--concurrency=4",
+                "--without-gossip",
+                "--without-mingle",
+                "-B",
+                "--schedule",
+                str(self.log_dir / "beat-schedule"),
+                "-n",
+                f"test-{os.getpid()}-{self.starts}@%h",
+            ],
+            cwd=ROOT,
+            env=child_env(**self.env),
+            stdout=log,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
         log.close()
@@ -104,7 +122,9 @@ class Worker:
             if " ready." in text and marker in text:
                 return
             time.sleep(0.1)
-        raise AssertionError(f"the Celery worker did not come up in {timeout} s:\n{self.log_text[-3000:]}")
+        raise AssertionError(
+            f"the Celery worker did not come up in {timeout} s:\n{self.log_text[-3000:]}"
+        )
 
     def kill9(self) -> None:
         assert self.proc is not None

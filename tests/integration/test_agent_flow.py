@@ -39,8 +39,16 @@ def test_an_agent_session_through_curl(live_server):
     ops = curl(f"{api}/prompt-skills/wild_v2_execution_ops_protocol")
     assert "/runs" in ops["template"]
     health = curl(f"{api}/wild/v2/system-health")
-    assert {"running", "queued", "completed", "failed", "total", "gpu_total", "gpu_free",
-            "max_new_runs"} <= set(health)
+    assert {
+        "running",
+        "queued",
+        "completed",
+        "failed",
+        "total",
+        "gpu_total",
+        "gpu_free",
+        "max_new_runs",
+    } <= set(health)
 
     agent = _token("agent-alice", "member")
     pi = _token("prof", "pi")
@@ -51,37 +59,74 @@ def test_an_agent_session_through_curl(live_server):
     assert "gpu_count" in cluster and any(h["name"] == "local" for h in cluster["hosts"])
     assert curl(f"{api}/cluster", token=agent)["runs"]["queued"] == 0
 
-    plan = curl(f"{api}/plans", token=agent, body={
-        "title": "LR sweep", "goal": "find a good lr", "session_id": None,
-        "raw_markdown": "## Objective\nBeat baseline\n## Parameters to Sweep\nlr\n",
-    })
+    plan = curl(
+        f"{api}/plans",
+        token=agent,
+        body={
+            "title": "LR sweep",
+            "goal": "find a good lr",
+            "session_id": None,
+            "raw_markdown": "## Objective\nBeat baseline\n## Parameters to Sweep\nlr\n",
+        },
+    )
     assert plan["status"] == "draft" and plan["sections"]["Objective"] == "Beat baseline"
     print(f"@{plan['id']}")
-    assert curl(f"{api}/plans/{plan['id']}/submit", token=agent, body={})["status"] == "pending_review"
+    assert (
+        curl(f"{api}/plans/{plan['id']}/submit", token=agent, body={})["status"] == "pending_review"
+    )
 
-    wild = curl(f"{api}/sweeps/wild", token=agent, body={
-        "name": "wild-1", "goal": "explore", "chat_session_id": session, "plan_id": plan["id"],
-    })
-    run = curl(f"{api}/runs", token=agent, body={
-        "name": "baseline", "command": "python train.py --lr 0.1", "sweep_id": wild["id"],
-        "chat_session_id": session, "auto_start": True,
-        "gpuwrap_config": {"enabled": True, "retries": -1, "retry_delay_seconds": 30},
-    })
+    wild = curl(
+        f"{api}/sweeps/wild",
+        token=agent,
+        body={
+            "name": "wild-1",
+            "goal": "explore",
+            "chat_session_id": session,
+            "plan_id": plan["id"],
+        },
+    )
+    run = curl(
+        f"{api}/runs",
+        token=agent,
+        body={
+            "name": "baseline",
+            "command": "python train.py --lr 0.1",
+            "sweep_id": wild["id"],
+            "chat_session_id": session,
+            "auto_start": True,
+            "gpuwrap_config": {"enabled": True, "retries": -1, "retry_delay_seconds": 30},
+        },
+    )
     assert run["status"] == "held" and run["gpus"] == 1
 
-    grid = curl(f"{api}/sweeps", token=agent, body={
-        "name": "grid", "base_command": "python train.py", "parameters": {"lr": [0.1, 0.01]},
-        "max_runs": 2, "goal": "lr", "auto_start": True, "chat_session_id": session,
-    })
+    grid = curl(
+        f"{api}/sweeps",
+        token=agent,
+        body={
+            "name": "grid",
+            "base_command": "python train.py",
+            "parameters": {"lr": [0.1, 0.01]},
+            "max_runs": 2,
+            "goal": "lr",
+            "auto_start": True,
+            "chat_session_id": session,
+        },
+    )
     assert len(grid["runs"]) == 2 and {r["status"] for r in grid["runs"]} == {"queued"}
 
     listed = curl(f"{api}/runs?chat_session_id={session}&limit=10", token=agent)
-    assert listed["count"] == 3 and listed["results"][0]["created_at"] >= listed["results"][-1]["created_at"]
+    assert (
+        listed["count"] == 3
+        and listed["results"][0]["created_at"] >= listed["results"][-1]["created_at"]
+    )
     assert curl(f"{api}/runs/{run['id']}", token=agent)["id"] == run["id"]
 
     # The PI approves: the held run is released to the queue.
-    approved = curl(f"{api}/plans/{plan['id']}/approve", token=pi,
-                    body={"comment": "go", "gpu_hours_budget": 100})
+    approved = curl(
+        f"{api}/plans/{plan['id']}/approve",
+        token=pi,
+        body={"comment": "go", "gpu_hours_budget": 100},
+    )
     assert approved["status"] == "approved" and approved["gpu_hours_budget"] == 100
     assert curl(f"{api}/runs/{run['id']}", token=agent)["status"] == "queued"
     assert curl(f"{api}/plans", token=agent)["results"][0]["id"] == plan["id"]
@@ -99,8 +144,11 @@ def test_an_agent_session_through_curl(live_server):
     assert events["session_id"] == session and isinstance(events["events"], list)
     found = curl(f"{api}/prompt-skills/search?q=plan", token=agent)
     assert found and found[0]["id"] in {"plan_mode", "plan_runs"}
-    rendered = curl(f"{api}/prompt-skills/wild_v2_execution_ops_protocol/render", token=agent,
-                    body={"variables": {}})
+    rendered = curl(
+        f"{api}/prompt-skills/wild_v2_execution_ops_protocol/render",
+        token=agent,
+        body={"variables": {}},
+    )
     assert api in rendered["rendered"] and agent in rendered["rendered"]
     assert "POST /api/runs" in rendered["rendered"]
     assert Run.objects.count() == 5
@@ -116,8 +164,20 @@ def test_errors_are_json_with_detail_and_never_html(live_server, db):
         ("GET", "/no/such/endpoint", None),
         ("POST", "/runs", "{not json"),
     ]:
-        cmd = ["curl", "-s", "-o", "-", "-w", "\n%{http_code}", "-X", method,
-               "-H", f"X-Auth-Token: {agent}", "-H", "Content-Type: application/json"]
+        cmd = [
+            "curl",
+            "-s",
+            "-o",
+            "-",
+            "-w",
+            "\n%{http_code}",
+            "-X",
+            method,
+            "-H",
+            f"X-Auth-Token: {agent}",
+            "-H",
+            "Content-Type: application/json",
+        ]
         if body is not None:
             cmd += ["-d", body if isinstance(body, str) else json.dumps(body)]
         out = subprocess.run([*cmd, f"{api}{path}"], capture_output=True, text=True, timeout=30)
@@ -125,9 +185,22 @@ def test_errors_are_json_with_detail_and_never_html(live_server, db):
         assert 400 <= int(code) < 500, (path, code)
         assert json.loads(text)["detail"], (path, text)
     missing = subprocess.run(
-        ["curl", "-s", "-X", "POST", "-H", f"X-Auth-Token: {agent}", "-H",
-         "Content-Type: application/json", "-d", '{"command": "x", "sweep_id": "abc"}',
-         f"{api}/runs"], capture_output=True, text=True, timeout=30,
+        [
+            "curl",
+            "-s",
+            "-X",
+            "POST",
+            "-H",
+            f"X-Auth-Token: {agent}",
+            "-H",
+            "Content-Type: application/json",
+            "-d",
+            '{"command": "x", "sweep_id": "abc"}',
+            f"{api}/runs",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert json.loads(missing.stdout)["detail"] == "Sweep not found: abc"
 

@@ -72,8 +72,11 @@ def test_shell_metacharacters_are_data_not_code(local, member, tmp_path):
     canary = Path(f"/tmp/lab-canary-{os.getpid()}")
     evil = f"$(touch {canary}); `touch {canary}`; touch {canary}"
     run_id = create(
-        member.client, name=evil, command="printf '%s|%s\\n' \"$EVIL\" 'it'\"'\"'s $HOME'",
-        env={"EVIL": evil, "QUOTES": "a'b\"c\\d"}, workdir=str(tmp_path),
+        member.client,
+        name=evil,
+        command="printf '%s|%s\\n' \"$EVIL\" 'it'\"'\"'s $HOME'",
+        env={"EVIL": evil, "QUOTES": "a'b\"c\\d"},
+        workdir=str(tmp_path),
     )
     assert ended(run_id).status == "finished"
     assert logs(member.client, run_id)["content"].strip() == f"{evil}|it's $HOME"
@@ -111,8 +114,13 @@ def test_stop_kills_children_that_ignore_sigterm(local, member):
         "echo started; sleep 600"
     )
     run_id = create(member.client, name="stubborn", command=command)
-    wait_for(lambda: Run.objects.get(pk=run_id).status == "running"
-             and "started" in logs(member.client, run_id)["content"], timeout=60)
+    wait_for(
+        lambda: (
+            Run.objects.get(pk=run_id).status == "running"
+            and "started" in logs(member.client, run_id)["content"]
+        ),
+        timeout=60,
+    )
     run = Run.objects.get(pk=run_id)
     assert member.client.post(f"/api/runs/{run_id}/stop").status_code == 200
     assert ended(run_id).status == "stopped"
@@ -127,14 +135,17 @@ def test_stop_kills_children_that_ignore_sigterm(local, member):
             if marker in env:
                 left.append(proc.name)
     assert left == [], f"processes of the run survived the stop: {left}"
-    assert run.pid and not Path(f"/proc/{run.pid}/cmdline").exists() or (
-        Path(f"/proc/{run.pid}/stat").read_text().split(") ")[1][0] == "Z"
+    assert (
+        run.pid
+        and not Path(f"/proc/{run.pid}/cmdline").exists()
+        or (Path(f"/proc/{run.pid}/stat").read_text().split(") ")[1][0] == "Z")
     )
 
 
 def test_stop_of_a_queued_run_never_starts_it(local, member):
-    run_id = create(member.client, name="q", command="echo should-not-run", host="local",
-                    gpus=1)  # the local host has no GPU: it stays queued
+    run_id = create(
+        member.client, name="q", command="echo should-not-run", host="local", gpus=1
+    )  # the local host has no GPU: it stays queued
     wait_for(lambda: Run.objects.get(pk=run_id).waiting_reason, timeout=30)
     assert "needs 1 GPU" in Run.objects.get(pk=run_id).waiting_reason
     assert member.client.post(f"/api/runs/{run_id}/stop").json()["status"] == "stopped"

@@ -51,7 +51,9 @@ def test_two_concurrent_transitions_leave_exactly_one_winner(member):
             lambda r=run: services.run_transition(
                 run_id=r.id, to=RunStatus.STOPPED, from_=[RunStatus.QUEUED], actor=actor
             ),
-            lambda r=run: services.run_transition(run_id=r.id, to=RunStatus.LAUNCHING, actor=system),
+            lambda r=run: services.run_transition(
+                run_id=r.id, to=RunStatus.LAUNCHING, actor=system
+            ),
         )
         assert sorted([stop, launch]) == [False, True]
         run.refresh_from_db()
@@ -63,9 +65,16 @@ def test_two_concurrent_transitions_leave_exactly_one_winner(member):
 
 @pytest.mark.django_db(transaction=True)
 def test_many_workers_racing_the_same_transition(member):
-    run = services.run_create(actor=Actor(kind="user", user=member.user), command="x", auto_start=True)
+    run = services.run_create(
+        actor=Actor(kind="user", user=member.user), command="x", auto_start=True
+    )
     results = race(
-        *[lambda: services.run_transition(run_id=run.id, to=RunStatus.LAUNCHING, actor=Actor.system())] * 8
+        *[
+            lambda: services.run_transition(
+                run_id=run.id, to=RunStatus.LAUNCHING, actor=Actor.system()
+            )
+        ]
+        * 8
     )
     assert results.count(True) == 1 and results.count(False) == 7
     assert RunEvent.objects.filter(run=run, to_status=RunStatus.LAUNCHING).count() == 1

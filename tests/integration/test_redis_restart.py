@@ -35,8 +35,20 @@ class PrivateRedis:
     def start(self) -> None:
         exe = shutil.which("redis-server") or "/usr/bin/redis-server"
         self.proc = subprocess.Popen(
-            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+            [
+                exe,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
         )
         client = redis.Redis(port=self.port)
         wait_for(lambda: _ping(client), 10, 0.05)
@@ -63,14 +75,24 @@ def test_a_broker_restart_during_a_burst_leaves_nothing_stuck(member, tmp_path):
         host_ensure_local()
         worker.start()
         actor = Actor(kind="user", user=member.user)
-        ids = [services.run_create(actor=actor, command="sleep 0.5", name=f"b{i}",
-                                   auto_start=True, kick=False).id for i in range(30)]
+        ids = [
+            services.run_create(
+                actor=actor, command="sleep 0.5", name=f"b{i}", auto_start=True, kick=False
+            ).id
+            for i in range(30)
+        ]
         wait_for(lambda: Run.objects.filter(pk__in=ids, status="finished").count() >= 3, 60)
         broker.stop()
         time.sleep(3)  # the worker and beat lose their broker for a while
         broker.start()
-        wait_for(lambda: Run.objects.filter(pk__in=ids, status__in=["finished", "failed", "stopped"])
-                 .count() == 30, 180, 0.5)
+        wait_for(
+            lambda: (
+                Run.objects.filter(pk__in=ids, status__in=["finished", "failed", "stopped"]).count()
+                == 30
+            ),
+            180,
+            0.5,
+        )
         assert set(Run.objects.filter(pk__in=ids).values_list("status", flat=True)) == {"finished"}
         assert worker.proc is not None and worker.proc.poll() is None, "the worker survived"
     finally:

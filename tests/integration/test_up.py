@@ -26,7 +26,10 @@ def alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    return Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]
+    return (
+        Path(f"/proc/{pid}").exists()
+        and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]
+    )
 
 
 def test_serve_runs_site_worker_and_beat_and_one_ctrl_c_stops_them(tmp_path):
@@ -34,22 +37,35 @@ def test_serve_runs_site_worker_and_beat_and_one_ctrl_c_stops_them(tmp_path):
     admin's password is printed once, and SIGINT stops web, worker and beat."""
     redis_test_client()  # asserts the test Redis db is not db 0
     env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
-    env.update(LABSITE_DATA_DIR=str(tmp_path), PYTHONUNBUFFERED="1", WEB_CONCURRENCY="1",
-               WORKER_CONCURRENCY="1")
+    env.update(
+        LABSITE_DATA_DIR=str(tmp_path),
+        PYTHONUNBUFFERED="1",
+        WEB_CONCURRENCY="1",
+        WORKER_CONCURRENCY="1",
+    )
     manage = [sys.executable, str(ROOT / "manage.py")]
     subprocess.run([*manage, "migrate", "--noinput", "-v0"], env=env, check=True, timeout=300)
-    first = subprocess.run([*manage, "bootstrap"], env=env, capture_output=True, text=True,
-                           check=True, timeout=120)
+    first = subprocess.run(
+        [*manage, "bootstrap"], env=env, capture_output=True, text=True, check=True, timeout=120
+    )
     assert "Username: admin  Password: " in first.stdout
-    again = subprocess.run([*manage, "bootstrap"], env=env, capture_output=True, text=True,
-                           check=True, timeout=120)
+    again = subprocess.run(
+        [*manage, "bootstrap"], env=env, capture_output=True, text=True, check=True, timeout=120
+    )
     assert "Password" not in again.stdout, "credentials are printed once only"
-    assert (tmp_path / "labsite.sqlite3").exists() and (tmp_path / "secret_key").stat().st_mode & 0o077 == 0
+    assert (tmp_path / "labsite.sqlite3").exists() and (
+        tmp_path / "secret_key"
+    ).stat().st_mode & 0o077 == 0
 
     port = free_port()
     log = (tmp_path / "serve.log").open("wb")
-    proc = subprocess.Popen([*manage, "serve", "--port", str(port)], env=env, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [*manage, "serve", "--port", str(port)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     children: list[int] = []
     try:
         url = f"http://127.0.0.1:{port}/api/wild/v2/system-health"
@@ -64,7 +80,9 @@ def test_serve_runs_site_worker_and_beat_and_one_ctrl_c_stops_them(tmp_path):
         assert body is not None and body["status"] == "ok"
         login = urllib.request.urlopen(f"http://127.0.0.1:{port}/login", timeout=5)  # noqa: S310
         assert b"csrfmiddlewaretoken" in login.read()
-        children = [int(p) for p in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
+        children = [
+            int(p) for p in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        ]
         assert len(children) == 3, "web, worker and beat"
         deadline = time.monotonic() + 30
         text = ""

@@ -16,8 +16,13 @@ TERMINAL = {"finished", "failed", "stopped"}
 
 def register(admin, host, **extra) -> dict:
     body = {
-        "name": host.name, "kind": "ssh", "hostname": host.ip, "port": host.port,
-        "username": host.username, "identity_file": str(host.key_path), **extra,
+        "name": host.name,
+        "kind": "ssh",
+        "hostname": host.ip,
+        "port": host.port,
+        "username": host.username,
+        "identity_file": str(host.key_path),
+        **extra,
     }
     response = admin.client.post("/api/hosts", body, format="json")
     assert response.status_code == 201, response.content
@@ -25,13 +30,17 @@ def register(admin, host, **extra) -> dict:
 
 
 def create(client, host, **body) -> str:
-    response = client.post("/api/runs", {"auto_start": True, "host": host.name, **body}, format="json")
+    response = client.post(
+        "/api/runs", {"auto_start": True, "host": host.name, **body}, format="json"
+    )
     assert response.status_code == 201, response.content
     return response.json()["id"]
 
 
 def ended(run_id: str, timeout: float = 60) -> Run:
-    return wait_for(lambda: (r := Run.objects.get(pk=run_id)).status in TERMINAL and r, timeout=timeout)
+    return wait_for(
+        lambda: (r := Run.objects.get(pk=run_id)).status in TERMINAL and r, timeout=timeout
+    )
 
 
 def run_dir(host, run_id: str) -> Path:
@@ -53,7 +62,10 @@ def test_registration_pins_the_key_and_probe_reports_online(lab, admin, member):
     assert probed["state"] == "online" and probed["last_seen_at"]
     listed = member.client.get("/api/hosts").json()
     assert "identity_file" not in str(listed) and Path(lab[0].key_path).name not in str(listed)
-    assert member.client.post("/api/hosts", {"name": "x", "hostname": "h"}, format="json").status_code == 403
+    assert (
+        member.client.post("/api/hosts", {"name": "x", "hostname": "h"}, format="json").status_code
+        == 403
+    )
 
 
 def test_a_given_fingerprint_is_checked_not_trusted(fresh_lab, celery_worker, admin):
@@ -67,8 +79,13 @@ def test_a_given_fingerprint_is_checked_not_trusted(fresh_lab, celery_worker, ad
 def test_runs_on_a_host_exit_codes_logs_and_quoting(lab, member):
     h = lab[0]
     ok = create(member.client, h, name="ok", command="hostname; echo out; echo err >&2")
-    bad = create(member.client, h, name="bad $(reboot)", command="exit 7",
-                 env={"X": "'; touch /tmp/nope-$$ #"})
+    bad = create(
+        member.client,
+        h,
+        name="bad $(reboot)",
+        command="exit 7",
+        env={"X": "'; touch /tmp/nope-$$ #"},
+    )
     killed = create(member.client, h, name="killed", command="kill -9 $$")
     assert (r := ended(ok)).status == "finished" and r.exit_code == 0 and r.host.name == h.name
     content = member.client.get(f"/api/runs/{ok}/logs").json()["content"]
@@ -95,9 +112,15 @@ def test_worker_killed_mid_dispatch_launches_each_run_once(lab, member, celery_w
     """GIVEN 50 runs being dispatched WHEN the worker is kill -9'd and restarted
     THEN every run started exactly once on its host and all finished."""
     h = lab[0]
-    ids = [create(member.client, h, name=f"burst-{i}", command="echo $LABSITE_RUN_ID >> ~/starts; sleep 1")
-           for i in range(50)]
-    wait_for(lambda: Run.objects.filter(pk__in=ids, status__in=["launching", "running"]).count() >= 5, 60)
+    ids = [
+        create(
+            member.client, h, name=f"burst-{i}", command="echo $LABSITE_RUN_ID >> ~/starts; sleep 1"
+        )
+        for i in range(50)
+    ]
+    wait_for(
+        lambda: Run.objects.filter(pk__in=ids, status__in=["launching", "running"]).count() >= 5, 60
+    )
     celery_worker.kill9()
     celery_worker.start()
     wait_for(lambda: Run.objects.filter(pk__in=ids, status__in=TERMINAL).count() == 50, 180, 0.5)
@@ -110,7 +133,12 @@ def test_worker_killed_mid_dispatch_launches_each_run_once(lab, member, celery_w
 
 def test_sshd_restart_and_a_cut_link_fail_nothing(lab, member):
     h = lab[1]
-    run_id = create(member.client, h, name="survivor", command="for i in $(seq 8); do echo tick $i; sleep 1; done; exit 5")
+    run_id = create(
+        member.client,
+        h,
+        name="survivor",
+        command="for i in $(seq 8); do echo tick $i; sleep 1; done; exit 5",
+    )
     wait_for(lambda: Run.objects.get(pk=run_id).status == "running", 60)
     h.restart_sshd()
     time.sleep(1)
@@ -132,14 +160,17 @@ def test_a_changed_host_key_is_refused_and_nothing_runs(lab, member, admin):
     run_id = create(member.client, h, name="must-not-run", command="touch ~/executed")
     host = wait_for(lambda: (x := Host.objects.get(name=h.name)).state == "key_mismatch" and x, 60)
     assert host.host_key_fingerprint == old
-    alert = wait_for(lambda: Alert.objects.filter(message__contains=h.name, severity="critical").first())
+    alert = wait_for(
+        lambda: Alert.objects.filter(message__contains=h.name, severity="critical").first()
+    )
     assert h.host_key_fingerprint in alert.message
     time.sleep(2)
     assert not (Path(h.home) / "executed").exists() and not run_dir(h, run_id).exists()
     assert Run.objects.get(pk=run_id).status == "launching"
     # An admin checks the new key out of band, accepts it, and the run goes.
-    accepted = admin.client.post(f"/api/hosts/{h.name}/accept-key",
-                                 {"fingerprint": h.host_key_fingerprint}, format="json")
+    accepted = admin.client.post(
+        f"/api/hosts/{h.name}/accept-key", {"fingerprint": h.host_key_fingerprint}, format="json"
+    )
     assert accepted.status_code == 200 and accepted.json()["state"] == "online"
     assert ended(run_id).status == "finished" and (Path(h.home) / "executed").exists()
 
@@ -158,9 +189,16 @@ def test_a_vanished_process_is_lost(lab, member):
 def test_an_uploaded_key_is_stored_0600_and_never_shown(fresh_lab, celery_worker, admin, settings):
     h = fresh_lab(n_hosts=1)[0]
     key_text = Path(h.key_path).read_text()
-    response = admin.client.post("/api/hosts", {
-        "name": h.name, "hostname": h.ip, "username": "root", "private_key": key_text,
-    }, format="json")
+    response = admin.client.post(
+        "/api/hosts",
+        {
+            "name": h.name,
+            "hostname": h.ip,
+            "username": "root",
+            "private_key": key_text,
+        },
+        format="json",
+    )
     assert response.status_code == 201, response.content
     body = response.json()
     assert body["state"] == "online" and body["has_identity"] is True
@@ -168,8 +206,9 @@ def test_an_uploaded_key_is_stored_0600_and_never_shown(fresh_lab, celery_worker
     stored = Path(settings.DATA_DIR) / "keys" / f"{h.name}.key"
     assert stored.read_text().strip() == key_text.strip()
     assert stored.stat().st_mode & 0o777 == 0o600
-    bad = admin.client.post("/api/hosts", {"name": "bad", "hostname": h.ip, "private_key": "nope"},
-                            format="json")
+    bad = admin.client.post(
+        "/api/hosts", {"name": "bad", "hostname": h.ip, "private_key": "nope"}, format="json"
+    )
     assert bad.status_code == 400 and not Host.objects.filter(name="bad").exists()
 
 
@@ -180,13 +219,32 @@ def test_add_host_command_pins_and_prints_the_fingerprint(fresh_lab, transaction
 
     h = fresh_lab(n_hosts=1)[0]
     out = StringIO()
-    call_command("add_host", h.name, "--hostname", h.ip, "--username", "root",
-                 "--identity-file", str(h.key_path), stdout=out)
+    call_command(
+        "add_host",
+        h.name,
+        "--hostname",
+        h.ip,
+        "--username",
+        "root",
+        "--identity-file",
+        str(h.key_path),
+        stdout=out,
+    )
     assert out.getvalue().strip() == f"{h.name}: online, host key {h.host_key_fingerprint}"
     assert Host.objects.get(name=h.name).host_key_fingerprint == h.host_key_fingerprint
     with pytest.raises(CommandError, match="changed"):
-        call_command("add_host", "other", "--hostname", h.ip, "--username", "root",
-                     "--identity-file", str(h.key_path), "--fingerprint", "SHA256:" + "B" * 43)
+        call_command(
+            "add_host",
+            "other",
+            "--hostname",
+            h.ip,
+            "--username",
+            "root",
+            "--identity-file",
+            str(h.key_path),
+            "--fingerprint",
+            "SHA256:" + "B" * 43,
+        )
     assert not Host.objects.filter(name="other").exists()
 
 

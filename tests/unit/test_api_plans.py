@@ -85,8 +85,11 @@ def test_numbered_headings_are_recognised(member):
     )
     plan = Plan.objects.get(pk=_create(member, raw_markdown=markdown).json()["id"])
     assert plan.sections == {
-        "Objective": "O.", "Compute Setup": "C.", "Approach": "A.",
-        "Risks & Mitigations": "R.", "Estimated Effort": "E.",
+        "Objective": "O.",
+        "Compute Setup": "C.",
+        "Approach": "A.",
+        "Risks & Mitigations": "R.",
+        "Estimated Effort": "E.",
     }
 
 
@@ -149,7 +152,8 @@ def test_approve_releases_held_runs_direct_and_via_sweep(member, pi):
     assert {r.status for r in released} == {RunStatus.HELD}
 
     response = pi.client.post(
-        f"/api/plans/{plan.id}/approve", {"comment": "go ahead", "gpu_hours_budget": 12.5},
+        f"/api/plans/{plan.id}/approve",
+        {"comment": "go ahead", "gpu_hours_budget": 12.5},
         format="json",
     )
     assert response.status_code == 200, response.content
@@ -166,7 +170,9 @@ def test_approve_releases_held_runs_direct_and_via_sweep(member, pi):
         assert run.status == RunStatus.QUEUED and run.queued_at is not None
         event = run.events.last()
         assert (event.from_status, event.to_status, event.reason) == (
-            "held", "queued", "plan_approved"
+            "held",
+            "queued",
+            "plan_approved",
         )
         assert event.actor_user == pi.user
     ready.refresh_from_db()
@@ -206,8 +212,9 @@ def test_request_changes_needs_a_comment_then_author_edits_and_resubmits(member,
     events = plan.events.count()
     response = pi.client.post(f"/api/plans/{plan.id}/request-changes", {}, format="json")
     assert response.status_code == 400 and response.json()["detail"].startswith("comment")
-    blank = pi.client.post(f"/api/plans/{plan.id}/request-changes", {"comment": "  "},
-                           format="json")
+    blank = pi.client.post(
+        f"/api/plans/{plan.id}/request-changes", {"comment": "  "}, format="json"
+    )
     assert blank.status_code == 400
     plan.refresh_from_db()
     assert plan.status == PlanStatus.PENDING_REVIEW and plan.events.count() == events
@@ -220,7 +227,8 @@ def test_request_changes_needs_a_comment_then_author_edits_and_resubmits(member,
     assert plan.status == PlanStatus.CHANGES_REQUESTED and plan.review_comment == "add seeds"
 
     edit = member.client.patch(
-        f"/api/plans/{plan.id}", {"raw_markdown": "## Objective\nNow with 3 seeds.\n"},
+        f"/api/plans/{plan.id}",
+        {"raw_markdown": "## Objective\nNow with 3 seeds.\n"},
         format="json",
     )
     assert edit.status_code == 200, edit.content
@@ -232,7 +240,10 @@ def test_request_changes_needs_a_comment_then_author_edits_and_resubmits(member,
     plan.refresh_from_db()
     assert plan.status == PlanStatus.PENDING_REVIEW
     assert [e.to_status for e in plan.events.all()] == [
-        "draft", "pending_review", "changes_requested", "pending_review"
+        "draft",
+        "pending_review",
+        "changes_requested",
+        "pending_review",
     ]
 
 
@@ -240,8 +251,7 @@ def test_approving_twice_is_409_with_one_approval_event(member, pi):
     plan = _pending(member)
     first = pi.client.post(f"/api/plans/{plan.id}/approve", {"comment": "ok"}, format="json")
     assert first.status_code == 200
-    second = pi.client.post(f"/api/plans/{plan.id}/approve", {"comment": "again"},
-                            format="json")
+    second = pi.client.post(f"/api/plans/{plan.id}/approve", {"comment": "again"}, format="json")
     assert second.status_code == 409 and "approved" in second.json()["detail"]
     plan.refresh_from_db()
     assert plan.review_comment == "ok"
@@ -318,7 +328,9 @@ def test_plan_list_and_detail(member, pi):
     detail = member.client.get(f"/api/plans/{plan.id}").json()
     assert detail["reviewer"] == "carol" and detail["review_comment"] == "fine"
     assert [(e["to_status"], e["actor"]) for e in detail["events"]] == [
-        ("draft", "alice"), ("pending_review", "alice"), ("approved", "carol")
+        ("draft", "alice"),
+        ("pending_review", "alice"),
+        ("approved", "carol"),
     ]
     missing = member.client.get("/api/plans/nope")
     assert missing.status_code == 404 and missing.json() == {"detail": "Plan not found: nope"}

@@ -111,16 +111,27 @@ BAD_BODIES = [
     pytest.param({"command": "   \t "}, "command", id="whitespace-command"),
     pytest.param({"name": "no command"}, "command", id="missing-command"),
     pytest.param({"command": "x", "gpus": -1}, "gpus", id="negative-gpus"),
-    pytest.param({"command": "x", "host": "no-such-host"}, "Host not found: no-such-host",
-                 id="unknown-host"),
-    pytest.param({"command": "x", "gpuwrap_config": {"enabled": True, "gpu_ids": [0]}},
-                 "gpu_ids", id="unknown-gpuwrap-field"),
-    pytest.param({"command": "x", "gpuwrap_config": {"enabled": True, "retries": -2}},
-                 "retries", id="gpuwrap-retries-below-minus-one"),
-    pytest.param({"command": "x", "gpuwrap_config": {"enabled": "yes"}}, "enabled",
-                 id="gpuwrap-enabled-not-bool"),
-    pytest.param({"command": "x", "gpuwrap_config": "on"}, "gpuwrap_config",
-                 id="gpuwrap-not-object"),
+    pytest.param(
+        {"command": "x", "host": "no-such-host"}, "Host not found: no-such-host", id="unknown-host"
+    ),
+    pytest.param(
+        {"command": "x", "gpuwrap_config": {"enabled": True, "gpu_ids": [0]}},
+        "gpu_ids",
+        id="unknown-gpuwrap-field",
+    ),
+    pytest.param(
+        {"command": "x", "gpuwrap_config": {"enabled": True, "retries": -2}},
+        "retries",
+        id="gpuwrap-retries-below-minus-one",
+    ),
+    pytest.param(
+        {"command": "x", "gpuwrap_config": {"enabled": "yes"}},
+        "enabled",
+        id="gpuwrap-enabled-not-bool",
+    ),
+    pytest.param(
+        {"command": "x", "gpuwrap_config": "on"}, "gpuwrap_config", id="gpuwrap-not-object"
+    ),
     pytest.param({"command": "x", "env": {"BAD-NAME": "1"}}, "BAD-NAME", id="env-bad-name"),
     pytest.param({"command": "x", "env": {"1ST": "1"}}, "1ST", id="env-name-starts-digit"),
     pytest.param({"command": "x", "env": ["A=1"]}, "env", id="env-not-object"),
@@ -346,8 +357,12 @@ def test_stop_a_stopped_run_is_409(member):
 
 def test_rerun_creates_a_queued_child(member):
     run = services.run_create(
-        actor=_actor(member), command="python train.py --lr=0.1", name="orig",
-        env={"WANDB_MODE": "offline"}, gpuwrap_config={"enabled": True}, chat_session_id="s9",
+        actor=_actor(member),
+        command="python train.py --lr=0.1",
+        name="orig",
+        env={"WANDB_MODE": "offline"},
+        gpuwrap_config={"enabled": True},
+        chat_session_id="s9",
     )
     services.run_stop(run=run, actor=_actor(member))
     response = member.client.post(f"/api/runs/{run.id}/rerun")
@@ -357,7 +372,11 @@ def test_rerun_creates_a_queued_child(member):
     child = Run.objects.get(pk=body["id"])
     assert child.parent_id == run.id and child.status == RunStatus.QUEUED
     assert (child.command, child.name, child.env, child.gpus, child.chat_session_id) == (
-        run.command, "orig", {"WANDB_MODE": "offline"}, 1, "s9"
+        run.command,
+        "orig",
+        {"WANDB_MODE": "offline"},
+        1,
+        "s9",
     )
     assert child.events.get().reason == "rerun"
     run.refresh_from_db()

@@ -28,8 +28,10 @@ NASTY = ["a b", "it's", '"dq"', "$(echo INJECTED)", "x; echo INJECTED", "`id`", 
 
 def test_grid_makes_one_run_per_point_with_its_params(member):
     response = _grid(
-        member, base_command="python train.py --epochs=10",
-        parameters={"lr": [0.1, 0.01], "batch_size": [64, 128], "amp": [True]}, max_runs=4,
+        member,
+        base_command="python train.py --epochs=10",
+        parameters={"lr": [0.1, 0.01], "batch_size": [64, 128], "amp": [True]},
+        max_runs=4,
     )
     assert response.status_code == 201, response.content
     body = response.json()
@@ -41,10 +43,14 @@ def test_grid_makes_one_run_per_point_with_its_params(member):
     got = {tuple(shlex.split(r.command)) for r in runs}
     assert got == {
         ("python", "train.py", "--epochs=10", f"--lr={lr}", f"--batch_size={bs}", "--amp=true")
-        for lr in ("0.1", "0.01") for bs in ("64", "128")
+        for lr in ("0.1", "0.01")
+        for bs in ("64", "128")
     }
     assert sorted((r.params["lr"], r.params["batch_size"]) for r in runs) == [
-        (0.01, 64), (0.01, 128), (0.1, 64), (0.1, 128)
+        (0.01, 64),
+        (0.01, 128),
+        (0.1, 64),
+        (0.1, 128),
     ]
     assert all(r.params["amp"] is True for r in runs)
     assert all(r.status == RunStatus.READY and r.created_by == member.user for r in runs)
@@ -114,13 +120,20 @@ def test_grid_with_unapproved_plan_is_held(member):
 
 def test_grid_run_options_reach_every_run(member):
     response = _grid(
-        member, parameters={"a": [1, 2]}, gpuwrap_config={"enabled": True},
-        env={"WANDB_MODE": "offline"}, workdir="~/p", priority=5,
+        member,
+        parameters={"a": [1, 2]},
+        gpuwrap_config={"enabled": True},
+        env={"WANDB_MODE": "offline"},
+        workdir="~/p",
+        priority=5,
     )
     assert response.status_code == 201, response.content
     for run in Run.objects.filter(sweep_id=response.json()["id"]):
         assert (run.gpus, run.env, run.workdir, run.priority) == (
-            1, {"WANDB_MODE": "offline"}, "~/p", 5
+            1,
+            {"WANDB_MODE": "offline"},
+            "~/p",
+            5,
         )
 
 
@@ -157,8 +170,9 @@ def test_unknown_plan_on_grid_is_400(member):
 
 def test_wild_sweep_creation(member):
     response = member.client.post(
-        "/api/sweeps/wild", {"name": "agent loop", "goal": "beat baseline",
-                             "chat_session_id": "sess-1"}, format="json",
+        "/api/sweeps/wild",
+        {"name": "agent loop", "goal": "beat baseline", "chat_session_id": "sess-1"},
+        format="json",
     )
     assert response.status_code == 201
     body = response.json()
@@ -180,22 +194,38 @@ def test_runs_added_to_wild_sweep(member):
     """GIVEN a wild sweep for session sess-1 WHEN runs are added with sweep_id THEN each keeps
     its own command and params, takes the sweep's session unless it names one, and shows up
     in the sweep."""
-    sweep = services.sweep_create_wild(
-        actor=_actor(member), name="loop", chat_session_id="sess-1"
-    )
-    first = member.client.post("/api/runs", {
-        "command": "python train.py --lr=0.05", "sweep_id": sweep.id, "auto_start": True,
-    }, format="json").json()
-    second = member.client.post("/api/runs", {
-        "command": "python eval.py", "sweep_id": sweep.id, "chat_session_id": "sess-2",
-    }, format="json").json()
+    sweep = services.sweep_create_wild(actor=_actor(member), name="loop", chat_session_id="sess-1")
+    first = member.client.post(
+        "/api/runs",
+        {
+            "command": "python train.py --lr=0.05",
+            "sweep_id": sweep.id,
+            "auto_start": True,
+        },
+        format="json",
+    ).json()
+    second = member.client.post(
+        "/api/runs",
+        {
+            "command": "python eval.py",
+            "sweep_id": sweep.id,
+            "chat_session_id": "sess-2",
+        },
+        format="json",
+    ).json()
 
     r1, r2 = Run.objects.get(pk=first["id"]), Run.objects.get(pk=second["id"])
     assert (r1.command, r1.params, r1.sweep_id, r1.chat_session_id, r1.status) == (
-        "python train.py --lr=0.05", {}, sweep.id, "sess-1", RunStatus.QUEUED
+        "python train.py --lr=0.05",
+        {},
+        sweep.id,
+        "sess-1",
+        RunStatus.QUEUED,
     )
     assert (r2.command, r2.chat_session_id, r2.status) == (
-        "python eval.py", "sess-2", RunStatus.READY
+        "python eval.py",
+        "sess-2",
+        RunStatus.READY,
     )
     assert r1.plan_id is None and r1.gpus == 0
 
@@ -254,9 +284,9 @@ def test_sweep_status_and_progress_follow_its_runs(member):
     status, progress = state()
     assert status == "failed"
     assert progress == {
-        "total": 3, "done": 3,
-        "by_status": {**{s: 0 for s in RunStatus.values}, "finished": 1, "stopped": 1,
-                      "failed": 1},
+        "total": 3,
+        "done": 3,
+        "by_status": {**{s: 0 for s in RunStatus.values}, "finished": 1, "stopped": 1, "failed": 1},
     }
 
 

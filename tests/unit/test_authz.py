@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from experiments.actors import Actor
 from experiments import services
+from experiments.actors import Actor
 from experiments.choices import PlanStatus
 
 ANON, OWNER, OTHER, PI, ADMIN = "anon", "member", "other", "pi", "admin"
@@ -22,8 +22,13 @@ def world(member, other, pi, admin, anon):
     draft = services.plan_create(actor=actor, title="draft plan")
     pending = services.plan_submit(plan=services.plan_create(actor=actor, title="p"), actor=actor)
     alert = services.alert_raise(message="check this", run=run, choices=["acknowledge", "stop"])
-    clients = {ANON: anon, OWNER: member.client, OTHER: other.client, PI: pi.client,
-               ADMIN: admin.client}
+    clients = {
+        ANON: anon,
+        OWNER: member.client,
+        OTHER: other.client,
+        PI: pi.client,
+        ADMIN: admin.client,
+    }
     return {"run": run, "draft": draft, "pending": pending, "alert": alert, "clients": clients}
 
 
@@ -37,8 +42,13 @@ CASES = [
     ("post", "/api/runs/{run}/stop", None, {ANON: 401, OTHER: 403}, 200),
     ("post", "/api/runs/{run}/rerun", None, {ANON: 401, OTHER: 403}, 201),
     ("get", "/api/sweeps", None, {ANON: 401}, 200),
-    ("post", "/api/sweeps", {"name": "g", "base_command": "x", "parameters": {"a": [1]}},
-     {ANON: 401}, 201),
+    (
+        "post",
+        "/api/sweeps",
+        {"name": "g", "base_command": "x", "parameters": {"a": [1]}},
+        {ANON: 401},
+        201,
+    ),
     ("post", "/api/sweeps/wild", {"name": "w"}, {ANON: 401}, 201),
     ("get", "/api/plans", None, {ANON: 401}, 200),
     ("get", "/api/plans/{draft}", None, {ANON: 401}, 200),
@@ -46,12 +56,35 @@ CASES = [
     ("patch", "/api/plans/{draft}", {"goal": "g"}, {ANON: 401, OTHER: 403}, 200),
     ("post", "/api/plans/{draft}/submit", {}, {ANON: 401, OTHER: 403}, 200),
     ("post", "/api/plans/{draft}/archive", {}, {ANON: 401, OTHER: 403}, 200),
-    ("post", "/api/plans/{pending}/approve", {}, {ANON: 401, OWNER: 403, OTHER: 403, ADMIN: 403}, 200),
-    ("post", "/api/plans/{pending}/reject", {}, {ANON: 401, OWNER: 403, OTHER: 403, ADMIN: 403}, 200),
-    ("post", "/api/plans/{pending}/request-changes", {"comment": "more seeds"},
-     {ANON: 401, OWNER: 403, OTHER: 403, ADMIN: 403}, 200),
+    (
+        "post",
+        "/api/plans/{pending}/approve",
+        {},
+        {ANON: 401, OWNER: 403, OTHER: 403, ADMIN: 403},
+        200,
+    ),
+    (
+        "post",
+        "/api/plans/{pending}/reject",
+        {},
+        {ANON: 401, OWNER: 403, OTHER: 403, ADMIN: 403},
+        200,
+    ),
+    (
+        "post",
+        "/api/plans/{pending}/request-changes",
+        {"comment": "more seeds"},
+        {ANON: 401, OWNER: 403, OTHER: 403, ADMIN: 403},
+        200,
+    ),
     ("get", "/api/alerts", None, {ANON: 401}, 200),
-    ("post", "/api/alerts/{alert}/respond", {"choice": "acknowledge"}, {ANON: 401, OTHER: 403}, 200),
+    (
+        "post",
+        "/api/alerts/{alert}/respond",
+        {"choice": "acknowledge"},
+        {ANON: 401, OTHER: 403},
+        200,
+    ),
     ("get", "/api/cluster", None, {ANON: 401}, 200),
     ("post", "/api/cluster/detect", None, {ANON: 401}, 200),
     ("get", "/api/wild/v2/system-health", None, {}, 200),
@@ -61,8 +94,13 @@ CASES = [
     ("get", "/api/prompt-skills/plan_mode", None, {}, 200),
     ("get", "/api/prompt-skills/search?q=plan", None, {ANON: 401}, 200),
     ("post", "/api/prompt-skills/plan_mode/render", {}, {ANON: 401}, 200),
-    ("patch", "/api/prompt-skills/plan_mode", {"description": "edited"},
-     {ANON: 401, OWNER: 403, OTHER: 403}, 200),
+    (
+        "patch",
+        "/api/prompt-skills/plan_mode",
+        {"description": "edited"},
+        {ANON: 401, OWNER: 403, OTHER: 403},
+        200,
+    ),
     ("get", "/api/openapi.json", None, {}, 200),
     ("get", "/api/docs", None, {}, 200),
 ]
@@ -76,12 +114,16 @@ CASES = [
 )
 def test_authz_matrix(world, who, method, template, body, expected, default):
     path = template.format(
-        run=world["run"].id, draft=world["draft"].id, pending=world["pending"].id,
+        run=world["run"].id,
+        draft=world["draft"].id,
+        pending=world["pending"].id,
         alert=world["alert"].id,
     )
     client = world["clients"][who]
-    response = getattr(client, method)(path, body, format="json") if body is not None else (
-        getattr(client, method)(path)
+    response = (
+        getattr(client, method)(path, body, format="json")
+        if body is not None
+        else (getattr(client, method)(path))
     )
     want = expected.get(who, default)
     assert response.status_code == want, (who, path, response.content[:300])

@@ -14,8 +14,11 @@ def _actor(person) -> Actor:
 
 def _run(person, session="s1", **kw) -> Run:
     return services.run_create(
-        actor=_actor(person), command="python train.py", chat_session_id=session,
-        auto_start=True, **kw,
+        actor=_actor(person),
+        command="python train.py",
+        chat_session_id=session,
+        auto_start=True,
+        **kw,
     )
 
 
@@ -30,7 +33,10 @@ def _finish(run: Run) -> None:
 def _fail(run: Run) -> None:
     assert services.run_transition(run_id=run.id, to=RunStatus.LAUNCHING, actor=Actor.system())
     assert services.run_transition(
-        run_id=run.id, to=RunStatus.FAILED, actor=Actor.system(), reason=RunReason.CUDA_OOM,
+        run_id=run.id,
+        to=RunStatus.FAILED,
+        actor=Actor.system(),
+        reason=RunReason.CUDA_OOM,
         fields={"exit_code": 1, "error": "CUDA out of memory"},
     )
 
@@ -63,7 +69,10 @@ def test_session_events_are_delivered_once(member):
     assert by_type["run_finished"]["exit_code"] == 0
     failed = by_type["run_failed"]
     assert (failed["run_id"], failed["reason"], failed["exit_code"], failed["error"]) == (
-        broken.id, "cuda_oom", 1, "CUDA out of memory"
+        broken.id,
+        "cuda_oom",
+        1,
+        "CUDA out of memory",
     )
     assert by_type["alert"]["alert_id"] == alert.id
     assert by_type["alert"]["choices"] == ["acknowledge", "stop"]
@@ -128,7 +137,10 @@ def test_alert_list_shows_choices(member):
     assert body["count"] == 1
     [row] = body["results"]
     assert (row["id"], row["run_id"], row["choices"], row["status"]) == (
-        alert.id, alert.run_id, ["acknowledge", "stop"], "open"
+        alert.id,
+        alert.run_id,
+        ["acknowledge", "stop"],
+        "open",
     )
     filtered = member.client.get("/api/alerts?status=resolved").json()
     assert filtered["count"] == 0

@@ -28,8 +28,11 @@ def test_not_supported_fields_read_as_zero():
 
 @pytest.mark.parametrize(
     "text",
-    ["NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver",
-     "0, GPU-1, A100, lots, 1, 0", "0, not-a-uuid, A100, 1, 1, 0"],
+    [
+        "NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver",
+        "0, GPU-1, A100, lots, 1, 0",
+        "0, not-a-uuid, A100, 1, 1, 0",
+    ],
 )
 def test_garbage_is_an_inventory_error_not_a_busy_gpu(text):
     with pytest.raises(gpus.InventoryError):

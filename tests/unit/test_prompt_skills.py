@@ -10,7 +10,10 @@ from experiments import skills
 from experiments.models import PromptSkill
 
 SHIPPED = {
-    "plan_mode", "wild_v2_planning", "wild_v2_iteration", "wild_v2_execution_ops_protocol",
+    "plan_mode",
+    "wild_v2_planning",
+    "wild_v2_iteration",
+    "wild_v2_execution_ops_protocol",
     "plan_runs",
 }
 PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
@@ -41,10 +44,13 @@ def test_anonymous_list(anon):
         assert row["variables"] == skills.shipped_skills()[skill_id].variables
 
 
-@pytest.mark.parametrize("path", [
-    "/api/prompt-skills/wild_v2_execution_ops_protocol",
-    "/api/prompt-skills/wild_v2_execution_ops_protocol/",
-])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/api/prompt-skills/wild_v2_execution_ops_protocol",
+        "/api/prompt-skills/wild_v2_execution_ops_protocol/",
+    ],
+)
 def test_anonymous_retrieve_includes_template(anon, path):
     response = anon.get(path)
     assert response.status_code == 200
@@ -96,11 +102,16 @@ def test_render_ops_protocol_fills_server_values(member):
     text = body["rendered"]
     assert body["missing"] == []
     assert "{{" not in text
-    assert "curl -sf -o /dev/null \"http://testserver/api/$p\"" in text
+    assert 'curl -sf -o /dev/null "http://testserver/api/$p"' in text
     assert f'-H "X-Auth-Token: {member.token}"' in text
     catalog_lines = set(text.splitlines())
-    for op in ("POST /api/runs", "GET /api/runs", "POST /api/sweeps/wild",
-               "GET /api/wild/v2/events/{session_id}", "POST /api/plans/{id}/approve"):
+    for op in (
+        "POST /api/runs",
+        "GET /api/runs",
+        "POST /api/sweeps/wild",
+        "GET /api/wild/v2/events/{session_id}",
+        "POST /api/plans/{id}/approve",
+    ):
         assert any(line.startswith(op + " ") for line in catalog_lines), op
     assert not any(line.startswith("POST /api/runs/ ") for line in catalog_lines)
 
@@ -139,7 +150,8 @@ def test_pi_edit_is_served_afterwards(pi, anon, member):
     new_template = "Edited: call {{server_url}}/runs with {{auth_header}}"
     response = pi.client.patch(
         "/api/prompt-skills/plan_mode",
-        {"template": new_template, "description": "edited by carol"}, format="json",
+        {"template": new_template, "description": "edited by carol"},
+        format="json",
     )
     assert response.status_code == 200
     assert response.json()["source"] == "edited"

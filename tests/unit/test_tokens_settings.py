@@ -160,8 +160,12 @@ def _manage_check(tmp_path, **overrides):
     environ = {**os.environ, "LABSITE_DATA_DIR": str(tmp_path), **overrides}
     environ.pop("DJANGO_SETTINGS_MODULE", None)
     return subprocess.run(
-        [sys.executable, "manage.py", "check"], cwd=REPO, env=environ,
-        capture_output=True, text=True, timeout=120,
+        [sys.executable, "manage.py", "check"],
+        cwd=REPO,
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
 

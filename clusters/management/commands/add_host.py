@@ -28,9 +28,15 @@ class Command(BaseCommand):
         if Host.objects.filter(name=o["name"]).exists():
             raise CommandError(f"a host named {o['name']} exists already")
         host = Host.objects.create(
-            name=o["name"], kind="ssh", hostname=o["hostname"], port=o["port"],
-            username=o["username"], identity_file=o["identity_file"], env_setup=o["env_setup"],
-            run_root=o["run_root"], host_key_fingerprint=o["fingerprint"],
+            name=o["name"],
+            kind="ssh",
+            hostname=o["hostname"],
+            port=o["port"],
+            username=o["username"],
+            identity_file=o["identity_file"],
+            env_setup=o["env_setup"],
+            run_root=o["run_root"],
+            host_key_fingerprint=o["fingerprint"],
         )
         host, outcome = services.host_probe(host.pk)
         if outcome == HostState.ONLINE:

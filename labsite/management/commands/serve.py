@@ -24,24 +24,43 @@ class Command(BaseCommand):
         bindir = os.path.dirname(sys.executable)
         commands = {
             "web": [
-                os.path.join(bindir, "gunicorn"), "labsite.wsgi:application",
-                "--bind", f"{host}:{port}", "--workers", os.environ.get("WEB_CONCURRENCY", "3"),
-                "--timeout", "60", "--access-logfile", "-",
+                os.path.join(bindir, "gunicorn"),
+                "labsite.wsgi:application",
+                "--bind",
+                f"{host}:{port}",
+                "--workers",
+                os.environ.get("WEB_CONCURRENCY", "3"),
+                "--timeout",
+                "60",
+                "--access-logfile",
+                "-",
             ],
             "worker": [
-                os.path.join(bindir, "celery"), "-A", "labsite", "worker", "--loglevel=INFO",
-                "--concurrency", os.environ.get("WORKER_CONCURRENCY", "4"),
+                os.path.join(bindir, "celery"),
+                "-A",
+                "labsite",
+                "worker",
+                "--loglevel=INFO",
+                "--concurrency",
+                os.environ.get("WORKER_CONCURRENCY", "4"),
             ],
             "beat": [
-                os.path.join(bindir, "celery"), "-A", "labsite", "beat", "--loglevel=INFO",
-                "--schedule", settings.CELERY_BEAT_SCHEDULE_FILENAME,
+                os.path.join(bindir, "celery"),
+                "-A",
+                "labsite",
+                "beat",
+                "--loglevel=INFO",
+                "--schedule",
+                settings.CELERY_BEAT_SCHEDULE_FILENAME,
             ],
         }
         procs = {
             name: subprocess.Popen(cmd, start_new_session=True) for name, cmd in commands.items()
         }
         shown = "localhost" if host in ("127.0.0.1", "0.0.0.0") else host  # noqa: S104
-        self.stdout.write(self.style.SUCCESS(f"Labsite is up: http://{shown}:{port}/  (API: /api/docs)"))
+        self.stdout.write(
+            self.style.SUCCESS(f"Labsite is up: http://{shown}:{port}/  (API: /api/docs)")
+        )
         self.stdout.write("Press Ctrl-C to stop the site, the worker and beat.")
         stopping = False
 
