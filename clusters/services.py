@@ -41,7 +41,12 @@ def host_ensure_local() -> Host:
 
 
 def inventory_store(
-    *, host: Host, gpus: list[gpu_lib.GpuState], source: str, note: str = ""
+    *,
+    host: Host,
+    gpus: list[gpu_lib.GpuState],
+    source: str,
+    note: str = "",
+    pid_runs: dict[int, str] | None = None,
 ) -> list[Gpu]:
     """Upsert the host's GPUs by UUID; GPUs it no longer reports are kept but marked absent."""
     now = timezone.now()
@@ -58,7 +63,12 @@ def inventory_store(
                     "memory_used_mb": state.memory_used_mb,
                     "utilization_pct": state.utilization_pct,
                     "processes": [
-                        {"pid": p.pid, "used_memory_mb": p.used_memory_mb} for p in state.processes
+                        {
+                            "pid": p.pid,
+                            "used_memory_mb": p.used_memory_mb,
+                            "run_id": (pid_runs or {}).get(p.pid),
+                        }
+                        for p in state.processes
                     ],
                     "present": True,
                     "updated_at": now,
@@ -79,6 +89,39 @@ def inventory_store(
     return seen
 
 
+def local_pid_runs(states: list[gpu_lib.GpuState]) -> dict[int, str]:
+    """Which GPU processes on this machine belong to Labsite runs (their LABSITE_RUN_ID)."""
+    found = {}
+    for state in states:
+        for proc in state.processes:
+            try:
+                with open(f"/proc/{proc.pid}/environ", "rb") as f:
+                    for item in f.read().split(b"\0"):
+                        if item.startswith(b"LABSITE_RUN_ID="):
+                            found[proc.pid] = item[15:].decode(errors="replace")
+            except OSError:
+                continue
+    return found
+
+
+def inventory_from_report(host: Host, report: Any) -> None:
+    """Store what a host's nvidia-smi said in its poll; no or broken nvidia-smi is a CPU host."""
+    if report.error:
+        inventory_store(host=host, gpus=[], source=GpuSource.NONE, note=f"CPU host: {report.error}")
+        return
+    try:
+        states = gpu_lib.merge(
+            gpu_lib.parse_query_gpu(report.query_gpu), gpu_lib.parse_query_apps(report.query_apps)
+        )
+    except gpu_lib.InventoryError as exc:
+        inventory_store(host=host, gpus=[], source=GpuSource.NONE, note=f"CPU host: {exc}")
+        return
+    note = "" if states else "CPU host: nvidia-smi lists no GPU"
+    inventory_store(
+        host=host, gpus=states, source=GpuSource.NVIDIA_SMI, note=note, pid_runs=report.pid_runs
+    )
+
+
 def inventory_refresh_local() -> Host:
     """Read the server's own GPUs: NVML first, nvidia-smi as fallback, else a CPU host."""
     host = host_ensure_local()
@@ -91,7 +134,9 @@ def inventory_refresh_local() -> Host:
         except gpu_lib.InventoryError as smi_error:
             states, source = [], GpuSource.NONE
             note = f"CPU host: {nvml_error}; {smi_error}"
-    inventory_store(host=host, gpus=states, source=source, note=note)
+    inventory_store(
+        host=host, gpus=states, source=source, note=note, pid_runs=local_pid_runs(states)
+    )
     return host
 
 

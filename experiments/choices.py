@@ -22,7 +22,9 @@ NON_TERMINAL = frozenset(RunStatus) - TERMINAL
 # to -> the states a run may come from. run_transition's conditional UPDATE uses these.
 RUN_TRANSITIONS: dict[str, frozenset[str]] = {
     RunStatus.HELD: frozenset({RunStatus.READY, RunStatus.QUEUED}),
-    RunStatus.QUEUED: frozenset({RunStatus.READY, RunStatus.HELD, RunStatus.LAUNCHING}),
+    RunStatus.QUEUED: frozenset(
+        {RunStatus.READY, RunStatus.HELD, RunStatus.LAUNCHING, RunStatus.RUNNING}
+    ),
     RunStatus.LAUNCHING: frozenset({RunStatus.QUEUED}),
     RunStatus.RUNNING: frozenset({RunStatus.LAUNCHING}),
     RunStatus.FINISHED: frozenset({RunStatus.LAUNCHING, RunStatus.RUNNING}),

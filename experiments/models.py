@@ -145,6 +145,12 @@ class Run(models.Model):
     metrics_offset = models.BigIntegerField(default=0)
     metrics_latest = models.JSONField(default=dict, blank=True)
     dispatch_attempts = models.PositiveIntegerField(default=0)
+    # A run sent back to the queue (its GPU was taken meanwhile) starts again in a new directory;
+    # log_base is how much of the server's log came from earlier attempts.
+    attempt = models.PositiveIntegerField(default=1)
+    # The owner asked for this host (else the scheduler chose it and may choose another).
+    host_pinned = models.BooleanField(default=False)
+    log_base = models.BigIntegerField(default=0)
     created_at = models.DateTimeField(auto_now_add=True)
     held_at = models.DateTimeField(null=True, blank=True)
     queued_at = models.DateTimeField(null=True, blank=True)

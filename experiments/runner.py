@@ -10,12 +10,14 @@ import json
 import logging
 import math
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
-from django.db.models import F
+from django.db.models import F, Q
+from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from clusters.choices import HostKind, HostState
@@ -28,16 +30,26 @@ from clusters.executors import (
     executor_for,
 )
 from clusters.models import Gpu, Host
-from clusters.services import LOCAL_HOST_NAME, gpu_policy_for
+from clusters.services import (
+    LOCAL_HOST_NAME,
+    gpu_policy_for,
+    inventory_from_report,
+    inventory_refresh_local,
+)
 from clusters.ssh import HostKeyMismatch
 from experiments import services
 from experiments.actors import Actor
-from experiments.choices import ACTIVE, RunReason, RunStatus
-from experiments.models import Alert, GpuLease, Metric, Run
+from experiments.choices import ACTIVE, PLAN_CLEARED, RunReason, RunStatus
+from experiments.models import Alert, GpuLease, Metric, Plan, Run
 
 log = logging.getLogger(__name__)
 SYSTEM = Actor.system()
 OOM_MARKERS = (b"CUDA out of memory", b"torch.OutOfMemoryError", b"CUDA_ERROR_OUT_OF_MEMORY")
+BUSY_MARKERS = (
+    b"all CUDA-capable devices are busy or unavailable",
+    b"CUDA_ERROR_DEVICE_UNAVAILABLE",
+)
+MAX_BUSY_REQUEUES = 2
 
 
 def log_path(run_id: str) -> Path:
@@ -47,92 +59,252 @@ def log_path(run_id: str) -> Path:
 # --- placement ---------------------------------------------------------------------------
 
 
-def _free_gpus(host: Host) -> list[Gpu]:
-    """GPUs of the host that pass its policy and carry no active lease."""
-    policy = gpu_policy_for(host)
-    leased = set(
-        GpuLease.objects.filter(released_at__isnull=True, gpu__host=host).values_list(
-            "gpu_id", flat=True
+class _Lost(Exception):
+    pass
+
+
+@dataclass
+class _Capacity:
+    """The pass's view of free GPUs, kept in memory and updated as runs are placed."""
+
+    hosts: dict[int, Host]
+    free: dict[int, list[Gpu]]  # host id -> free GPUs by index
+    user_gpus: dict[int, int]  # user id -> GPUs leased to the user's active runs
+
+    @classmethod
+    def load(cls) -> _Capacity:
+        hosts = {
+            h.id: h
+            for h in Host.objects.filter(
+                enabled=True, kind__in=[HostKind.LOCAL, HostKind.SSH]
+            ).exclude(state__in=[HostState.KEY_MISMATCH])
+        }
+        leased = set(
+            GpuLease.objects.filter(released_at__isnull=True).values_list("gpu_id", flat=True)
         )
-    )
-    return [
-        g
-        for g in host.gpus.filter(present=True).order_by("index")
-        if g.id not in leased
-        and not g.processes
-        and g.memory_used_mb <= policy.max_memory_used_mb
-        and g.utilization_pct <= policy.max_utilization_pct
-    ]
+        free: dict[int, list[Gpu]] = defaultdict(list)
+        policies = {hid: gpu_policy_for(h) for hid, h in hosts.items()}
+        for gpu in Gpu.objects.filter(host_id__in=hosts, present=True).order_by("host_id", "index"):
+            policy = policies[gpu.host_id]
+            foreign = any(not p.get("run_id") for p in gpu.processes)
+            if (
+                gpu.id not in leased
+                and not foreign
+                and gpu.memory_used_mb <= policy.max_memory_used_mb
+                and gpu.utilization_pct <= policy.max_utilization_pct
+            ):
+                free[gpu.host_id].append(gpu)
+        user_gpus: dict[int, int] = defaultdict(int)
+        for user_id, n in Run.objects.filter(status__in=list(ACTIVE)).values_list(
+            "created_by_id", "gpus"
+        ):
+            user_gpus[user_id] += n
+        return cls(hosts=hosts, free=free, user_gpus=user_gpus)
+
+    def describe(self, run: Run, need_mb: int) -> str:
+        mem = f" with {run.min_free_mem_mb} MB free" if run.min_free_mem_mb else ""
+        hosts = [self.hosts[run.host_id]] if run.host_id in self.hosts else self.gpu_hosts()
+        counts = ", ".join(
+            f"{sum(g.memory_free_mb >= need_mb for g in self.free.get(h.id, []))} free on {h.name}"
+            for h in hosts
+        )
+        return f"needs {run.gpus} GPU(s){mem}; {counts or 'no GPU host is enabled'}"
+
+    def gpu_hosts(self) -> list[Host]:
+        return sorted(
+            (h for h in self.hosts.values() if h.gpu_source != "none"), key=lambda h: h.name
+        )
 
 
-def _target_host(run: Run) -> Host | None:
+def _default_host(capacity: _Capacity) -> Host | None:
+    local = next((h for h in capacity.hosts.values() if h.name == LOCAL_HOST_NAME), None)
+    return local or next(iter(sorted(capacity.hosts.values(), key=lambda h: h.name)), None)
+
+
+def _pick(run: Run, capacity: _Capacity, need_mb: int) -> tuple[Host, list[Gpu]] | None:
+    """GPUs of one host for the run: the host that fits it most tightly (keeps big holes)."""
     if run.host_id:
-        return run.host if run.host and run.host.enabled else None
-    return Host.objects.filter(name=LOCAL_HOST_NAME, enabled=True).first()
+        candidates = [capacity.hosts[run.host_id]] if run.host_id in capacity.hosts else []
+    else:
+        candidates = list(capacity.hosts.values())
+    best: tuple[int, str, Host, list[Gpu]] | None = None
+    for host in candidates:
+        fitting = [g for g in capacity.free.get(host.id, []) if g.memory_free_mb >= need_mb]
+        if len(fitting) >= run.gpus and (best is None or (len(fitting), host.name) < best[:2]):
+            best = (len(fitting), host.name, host, fitting[: run.gpus])
+    return (best[2], best[3]) if best else None
 
 
-def run_place(run: Run) -> bool:
-    """Lease GPUs and move queued -> launching in ONE transaction; False leaves it queued."""
-    host = _target_host(run)
-    if host is None:
-        _wait(run, "its host is disabled or unknown" if run.host_id else "no enabled host")
-        return False
-    gpus: list[Gpu] = []
-    if run.gpus:
-        free = _free_gpus(host)
-        need_mb = math.ceil(1.2 * run.min_free_mem_mb) if run.min_free_mem_mb else 0
-        free = [g for g in free if g.memory_free_mb >= need_mb]
-        if len(free) < run.gpus:
-            mem = f" with {run.min_free_mem_mb} MB free" if run.min_free_mem_mb else ""
-            _wait(run, f"needs {run.gpus} GPU(s){mem}; {len(free)} free on {host.name}")
-            return False
-        gpus = free[: run.gpus]
+def _place(run: Run, host: Host, gpus: list[Gpu]) -> bool:
+    """Lease the GPUs and move queued -> launching in ONE transaction."""
     try:
         with transaction.atomic():
             for gpu in gpus:
                 GpuLease.objects.create(gpu=gpu, run=run)
-            moved = services.run_transition(
+            detail = f" GPUs {[g.index for g in gpus]}" if gpus else ""
+            if not services.run_transition(
                 run_id=run.id,
                 to=RunStatus.LAUNCHING,
                 from_=[RunStatus.QUEUED],
                 actor=SYSTEM,
-                message=f"placed on {host.name}"
-                + (f" GPUs {[g.index for g in gpus]}" if gpus else ""),
+                message=f"placed on {host.name}{detail}",
                 fields={"host_id": host.id, "waiting_reason": "", "dispatch_attempts": 0},
-            )
-            if not moved:
+            ):
                 raise _Lost()
+            run_id = run.id
             transaction.on_commit(
-                lambda: services._enqueue("experiments.tasks.dispatch_run", run.id)
+                lambda: services._enqueue("experiments.tasks.dispatch_run", run_id)
             )
     except (IntegrityError, _Lost):
         return False  # another pass leased a GPU or moved the run first
     return True
 
 
-class _Lost(Exception):
-    pass
+def _gave_up(run: Run, now: Any) -> bool:
+    """gpuwrap retries x retry_delay_seconds of waiting for GPUs, then the run fails (no_gpu)."""
+    wrap = run.gpuwrap_config or {}
+    retries = wrap.get("retries", -1)
+    if retries is None or retries < 0 or run.queued_at is None:
+        return False
+    budget = retries * float(wrap.get("retry_delay_seconds", 30))
+    return (now - run.queued_at).total_seconds() > budget
 
 
-def _wait(run: Run, reason: str) -> None:
-    if run.waiting_reason != reason:
-        Run.objects.filter(pk=run.pk, status=RunStatus.QUEUED).update(waiting_reason=reason)
+def plan_gpu_hours(plan_ids: list[str]) -> dict[str, float]:
+    """GPU-hours used so far by the runs of each plan (directly or through a sweep)."""
+    now = timezone.now()
+    used: dict[str, float] = defaultdict(float)
+    rows = (
+        Run.objects.filter(
+            Q(plan_id__in=plan_ids) | Q(plan__isnull=True, sweep__plan_id__in=plan_ids)
+        )
+        .exclude(started_at=None)
+        .values_list("plan_id", "sweep__plan_id", "gpus", "started_at", "ended_at")
+    )
+    for plan_id, sweep_plan_id, gpus, started, ended in rows:
+        if started is None:
+            continue
+        hours = ((ended or now) - started).total_seconds() / 3600
+        used[plan_id or sweep_plan_id] += hours * max(gpus, 1)
+    return used
 
 
-def schedule_pass(limit: int = 500) -> int:
-    """Place queued runs by priority then age; returns how many were placed."""
-    placed = 0
+def _over_budget(budgets: dict[str, float]) -> dict[str, str]:
+    """Plans past their GPU-hour budget: no new launches, and the PI is told once."""
+    if not budgets:
+        return {}
+    used = plan_gpu_hours(list(budgets))
+    over = {}
+    for plan_id, budget in budgets.items():
+        if used[plan_id] >= budget:
+            over[plan_id] = (
+                f"plan {plan_id} has used {used[plan_id]:.1f} of its {budget:g} GPU-hour budget; "
+                "a PI can raise it"
+            )
+            message = (
+                f"Plan {plan_id} reached its GPU-hour budget ({budget:g} h): new launches wait."
+            )
+            if not Alert.objects.filter(message=message).exists():
+                services.alert_raise(message=message, severity="warning", choices=["acknowledge"])
+    return over
+
+
+def schedule_pass() -> dict[str, int]:
+    """Place queued runs by priority then age on GPUs that are free by policy.
+
+    Queries do not grow with the queue: capacity is read once and tracked in memory; a run that
+    cannot be placed keeps a visible reason. A big run blocked longer than the lab's backfill
+    bound holds the capacity: smaller runs behind it wait instead of passing it for ever.
+    """
+    lab = settings.LABSITE
+    capacity = _Capacity.load()
+    now = timezone.now()
+    reasons: dict[str, list[str]] = defaultdict(list)
+    placed = expired = 0
+    holding: Run | None = None
+    budgets = Plan.objects.filter(
+        gpu_hours_budget__isnull=False, status__in=list(PLAN_CLEARED)
+    ).values_list("id", "gpu_hours_budget")
+    over_budget = _over_budget({plan_id: float(budget or 0) for plan_id, budget in budgets})
     queued = (
         Run.objects.filter(status=RunStatus.QUEUED)
-        .select_related("host")
-        .order_by("-priority", "queued_at", "id")[:limit]
+        .annotate(effective_plan=Coalesce("plan_id", "sweep__plan_id"))
+        .only(
+            "id",
+            "gpus",
+            "min_free_mem_mb",
+            "host_id",
+            "created_by_id",
+            "queued_at",
+            "gpuwrap_config",
+            "waiting_reason",
+            "status",
+        )
+        .order_by("-priority", "queued_at", "id")
     )
-    for run in queued:
-        placed += run_place(run)
-    return placed
+    for run in queued.iterator(chunk_size=2000):
+        if over_budget and run.effective_plan in over_budget:  # type: ignore[attr-defined]
+            reasons[over_budget[run.effective_plan]].append(run.id)  # type: ignore[attr-defined]
+            continue
+        if run.gpus == 0:
+            host = capacity.hosts.get(run.host_id) if run.host_id else _default_host(capacity)
+            if host is None:
+                reasons[
+                    "its host is disabled or unreachable" if run.host_id else "no enabled host"
+                ].append(run.id)
+            elif _place(run, host, []):
+                placed += 1
+            continue
+        if _gave_up(run, now):
+            wrap = run.gpuwrap_config
+            services.run_transition(
+                run_id=run.id,
+                to=RunStatus.FAILED,
+                from_=[RunStatus.QUEUED],
+                actor=SYSTEM,
+                reason=RunReason.NO_GPU,
+                message=f"no GPU after {wrap.get('retries')} retries x {wrap.get('retry_delay_seconds', 30)} s",
+                fields={"error": "no free GPU in time: " + (run.waiting_reason or "")},
+            )
+            expired += 1
+            continue
+        cap = lab["MAX_GPUS_PER_USER"]
+        if cap and capacity.user_gpus[run.created_by_id] + run.gpus > cap:
+            reasons[
+                f"its owner has {capacity.user_gpus[run.created_by_id]} of {cap} GPUs in use (the lab's cap)"
+            ].append(run.id)
+            continue
+        need_mb = math.ceil(1.2 * run.min_free_mem_mb) if run.min_free_mem_mb else 0
+        if holding is not None:
+            reasons[f"waiting behind run {holding.id}, which is holding GPUs until it fits"].append(
+                run.id
+            )
+            continue
+        choice = _pick(run, capacity, need_mb)
+        if choice is None:
+            reasons[capacity.describe(run, need_mb)].append(run.id)
+            waited = (now - run.queued_at).total_seconds() if run.queued_at else 0
+            if waited > lab["BACKFILL_SECONDS"]:
+                holding = run
+            continue
+        host, gpus = choice
+        if _place(run, host, gpus):
+            placed += 1
+            taken = {g.id for g in gpus}
+            capacity.free[host.id] = [g for g in capacity.free[host.id] if g.id not in taken]
+            capacity.user_gpus[run.created_by_id] += run.gpus
+    for reason, ids in reasons.items():
+        Run.objects.filter(pk__in=ids, status=RunStatus.QUEUED).exclude(
+            waiting_reason=reason[:500]
+        ).update(waiting_reason=reason[:500])
+    return {"placed": placed, "expired": expired, "waiting": sum(map(len, reasons.values()))}
 
 
 # --- dispatch ----------------------------------------------------------------------------
+
+
+def run_dir_name(run: Run) -> str:
+    return run.id if run.attempt <= 1 else f"{run.id}-a{run.attempt}"
 
 
 def launch_spec(run: Run, host: Host) -> LaunchSpec:
@@ -142,6 +314,7 @@ def launch_spec(run: Run, host: Host) -> LaunchSpec:
     pin = bool(indices) or (wrap.get("enabled") and host.kind != HostKind.SLURM)
     return LaunchSpec(
         run_id=run.id,
+        dir_name=run_dir_name(run),
         command=run.command,
         run_root=host.run_root,
         workdir=run.workdir,
@@ -200,32 +373,63 @@ def run_dispatch(run_id: str) -> None:
 
 
 def host_poll(host_id: int) -> dict[str, Any]:
-    """One round trip to the host for all its active runs; the database follows what it says."""
+    """One round trip to the host for all its active runs and its GPUs; the database follows."""
     host = Host.objects.filter(pk=host_id).first()
-    if host is None:
+    if host is None or (
+        not host.enabled and not host.runs.filter(status__in=list(ACTIVE)).exists()
+    ):
         return {"runs": 0}
     runs = list(Run.objects.filter(host=host, status__in=list(ACTIVE)))
-    if not runs:
-        return {"runs": 0}
     refs = [
-        RunRef(r.id, host.run_root, log_offset=r.log_size, metrics_offset=r.metrics_offset)
+        RunRef(
+            r.id,
+            host.run_root,
+            log_offset=r.log_size - r.log_base,
+            metrics_offset=r.metrics_offset,
+            dir_name=run_dir_name(r),
+        )
         for r in runs
     ]
+    remote_gpus = host.kind == HostKind.SSH
     try:
-        reports = executor_for(host).poll(refs)
+        reports, gpu_report = executor_for(host).poll(refs, gpu=remote_gpus)
     except HostKeyMismatch as exc:
         _host_key_mismatch(host, exc)
         return {"runs": len(runs), "error": str(exc)}
     except (TransportError, ProtocolError) as exc:
         _host_unreachable(host, runs, str(exc))
         return {"runs": len(runs), "error": str(exc)}
-    now = timezone.now()
-    Host.objects.filter(pk=host.pk).update(state=HostState.ONLINE, last_seen_at=now)
+    Host.objects.filter(pk=host.pk).update(state=HostState.ONLINE, last_seen_at=timezone.now())
+    if gpu_report is not None:
+        inventory_from_report(host, gpu_report)
+    elif host.kind == HostKind.LOCAL:
+        inventory_refresh_local()
+    _confirm_gpu_placement(host)
     for run in runs:
         report = reports.get(run.id)
         if report is not None:
             _apply(run, report)
     return {"runs": len(runs)}
+
+
+def _confirm_gpu_placement(host: Host) -> None:
+    """A Labsite run seen on a GPU it did not lease is raised as an alert (once)."""
+    leased = set(
+        GpuLease.objects.filter(released_at__isnull=True, gpu__host=host).values_list(
+            "gpu_id", "run_id"
+        )
+    )
+    for gpu in host.gpus.filter(present=True):
+        for proc in gpu.processes:
+            run_id = proc.get("run_id")
+            if run_id and (gpu.id, run_id) not in leased:
+                message = (
+                    f"Run {run_id} is using GPU {gpu.index} of {host.name} (pid {proc.get('pid')}), "
+                    "which it did not lease: it may have ignored CUDA_VISIBLE_DEVICES."
+                )
+                if not Alert.objects.filter(run_id=run_id, message=message).exists():
+                    run = Run.objects.filter(pk=run_id).first()
+                    services.alert_raise(message=message, run=run, choices=["acknowledge", "stop"])
 
 
 def _apply(run: Run, report: RunReport) -> None:
@@ -274,25 +478,47 @@ def _apply(run: Run, report: RunReport) -> None:
             )
 
 
-def _tail(run_id: str, size: int = 64 * 1024) -> bytes:
+def _tail(run_id: str, size: int) -> bytes:
+    """The end of this attempt's output (at most 64 KiB)."""
     path = log_path(run_id)
+    size = min(size, 64 * 1024)
     try:
         with path.open("rb") as f:
             f.seek(max(0, path.stat().st_size - size))
-            return f.read()
+            return f.read(size)
     except OSError:
         return b""
 
 
 def _end_failed(run: Run, code: int | None) -> None:
-    """A real CUDA out-of-memory is the run's failure (cuda_oom), not contention."""
-    if any(marker in _tail(run.id) for marker in OOM_MARKERS):
+    """A real CUDA out-of-memory is the run's failure (cuda_oom); "all CUDA-capable devices are
+    busy" means its GPU was taken meanwhile: back to the queue, at most MAX_BUSY_REQUEUES times."""
+    tail = _tail(run.id, run.log_size - run.log_base)
+    if any(marker in tail for marker in OOM_MARKERS):
         _end(
             run,
             RunStatus.FAILED,
             RunReason.CUDA_OOM,
             f"CUDA out of memory (exit code {code})",
             code,
+        )
+    elif any(marker in tail for marker in BUSY_MARKERS) and run.attempt <= MAX_BUSY_REQUEUES:
+        services.run_transition(
+            run_id=run.id,
+            to=RunStatus.QUEUED,
+            from_=[RunStatus.RUNNING],
+            actor=SYSTEM,
+            reason="gpu_busy_requeue",
+            message=f"its GPU was taken meanwhile (all CUDA-capable devices busy); back to the "
+            f"queue, attempt {run.attempt + 1} of {MAX_BUSY_REQUEUES + 1}",
+            fields={
+                "attempt": run.attempt + 1,
+                "log_base": run.log_size,
+                "metrics_offset": 0,
+                "pid": None,
+                "exit_code": None,
+                **({} if run.host_pinned else {"host_id": None}),
+            },
         )
     else:
         _end(run, RunStatus.FAILED, RunReason.EXIT_CODE, f"exit code {code}", code)
@@ -314,7 +540,7 @@ def _end(run: Run, to: str, reason: str, message: str, code: int | None = None) 
 def _copy_output(run: Run, report: RunReport) -> bool:
     """Append new log bytes and ingest metric lines; True when the server has the whole log."""
     updates: dict[str, Any] = {}
-    if report.log_chunk and report.log_offset == run.log_size:
+    if report.log_chunk and report.log_offset == run.log_size - run.log_base:
         path = log_path(run.id)
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("ab") as f:
@@ -334,7 +560,7 @@ def _copy_output(run: Run, report: RunReport) -> bool:
                 run.metrics_offset, run.metrics_latest = report.metrics_offset, latest
     if updates:
         Run.objects.filter(pk=run.pk).update(**updates)
-    return run.log_size >= report.log_size
+    return run.log_size - run.log_base >= report.log_size
 
 
 def _metric_rows(run: Run, lines: list[str], latest: dict[str, Any]) -> list[Metric]:
@@ -409,6 +635,7 @@ def run_cancel(run_id: str) -> None:
         left = executor_for(run.host).cancel(
             run_id=run.id,
             run_root=run.host.run_root,
+            dir_name=run_dir_name(run),
             grace_seconds=settings.LABSITE["STOP_GRACE_SECONDS"],
         )
     except TransportError as exc:
@@ -435,6 +662,12 @@ def hosts_with_active_runs() -> list[int]:
         .values_list("host_id", flat=True)
         .distinct()
     )
+
+
+def hosts_to_poll() -> list[int]:
+    """Every enabled host (runs and GPUs) and any disabled one that still has active runs."""
+    enabled = Host.objects.filter(enabled=True, kind__in=[HostKind.LOCAL, HostKind.SSH])
+    return sorted(set(enabled.values_list("id", flat=True)) | set(hosts_with_active_runs()))
 
 
 def reconcile() -> dict[str, int]:

@@ -52,7 +52,7 @@ def poll_host(host_id: int) -> None:
 
 @shared_task(name="experiments.tasks.poll_all", ignore_result=True)
 def poll_all() -> None:
-    for host_id in runner.hosts_with_active_runs():
+    for host_id in runner.hosts_to_poll():
         poll_host.delay(host_id)
 
 

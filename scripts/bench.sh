@@ -25,3 +25,5 @@ fresh_db
 "$PY" tests/bench/bench_api.py
 fresh_db
 "$PY" tests/bench/bench_runs.py
+fresh_db
+"$PY" tests/bench/bench_sched.py

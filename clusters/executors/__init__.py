@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from clusters.executors import protocol
-from clusters.executors.protocol import LaunchSpec, ProtocolError, RunRef, RunReport
+from clusters.executors.protocol import GpuReport, LaunchSpec, ProtocolError, RunRef, RunReport
 
 __all__ = [
     "Executor",
@@ -76,20 +76,24 @@ class Executor:
         result = self.transport.run("bash", protocol.launch_script(spec), self.timeout)
         return protocol.parse_launch(result.stdout + "\n" + result.stderr)
 
-    def poll(self, refs: list[RunRef]) -> dict[str, RunReport]:
-        """One round trip for every given run on this host."""
-        if not refs:
-            return {}
-        result = self.transport.run("python3", protocol.poll_script(refs), self.timeout)
+    def poll(
+        self, refs: list[RunRef], *, gpu: bool = False
+    ) -> tuple[dict[str, RunReport], GpuReport | None]:
+        """One round trip for every given run on this host (and its GPUs, with gpu=True)."""
+        if not refs and not gpu:
+            return {}, None
+        result = self.transport.run("python3", protocol.poll_script(refs, gpu=gpu), self.timeout)
         if result.code != 0:
             raise ProtocolError(f"poll exited {result.code}: {result.stderr.strip()[-300:]}")
-        return protocol.parse_poll(result.stdout)
+        return protocol.parse_poll(result.stdout), protocol.parse_gpu(result.stdout)
 
-    def cancel(self, *, run_id: str, run_root: str, grace_seconds: float) -> int:
+    def cancel(
+        self, *, run_id: str, run_root: str, grace_seconds: float, dir_name: str = ""
+    ) -> int:
         """SIGTERM, grace, SIGKILL; returns how many of the run's processes are left (0)."""
         result = self.transport.run(
             "bash",
-            protocol.cancel_script(run_root, run_id, grace_seconds),
+            protocol.cancel_script(run_root, run_id, grace_seconds, dir_name),
             self.timeout + grace_seconds + 10,
         )
         return protocol.parse_cancel(result.stdout)

@@ -34,6 +34,11 @@ class LaunchSpec:
     env: dict[str, str] = field(default_factory=dict)
     env_setup: str = ""
     cuda_visible_devices: list[int] | None = None
+    dir_name: str = ""  # the run directory, when not the run id (a later attempt)
+
+    @property
+    def directory(self) -> str:
+        return self.dir_name or self.run_id
 
 
 @dataclass(frozen=True)
@@ -44,6 +49,21 @@ class RunRef:
     run_root: str
     log_offset: int = 0
     metrics_offset: int = 0
+    dir_name: str = ""
+
+    @property
+    def directory(self) -> str:
+        return self.dir_name or self.run_id
+
+
+@dataclass
+class GpuReport:
+    """What the host's nvidia-smi said, raw, for the server to parse; pids mapped to runs."""
+
+    query_gpu: str = ""
+    query_apps: str = ""
+    error: str = ""  # why there is no usable answer (not installed, exited non-zero, timed out)
+    pid_runs: dict[int, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -81,7 +101,8 @@ def _b64(text: str) -> str:
 
 def wrapper_script(spec: LaunchSpec) -> str:
     """launch.sh: leads the process group, runs the command, writes exit_code atomically."""
-    d = dir_expr(spec.run_root, spec.run_id)
+    check_run_id(spec.run_id)
+    d = dir_expr(spec.run_root, spec.directory)
     lines = [
         "#!/usr/bin/env bash",
         f"d={d}",
@@ -127,7 +148,7 @@ def wrapper_script(spec: LaunchSpec) -> str:
 
 def launch_script(spec: LaunchSpec) -> str:
     """One exec: write the run directory and start the wrapper detached; safe to run twice."""
-    d = dir_expr(spec.run_root, spec.run_id)
+    d = dir_expr(spec.run_root, spec.directory)
     return f"""set -u
 umask 077
 d={d}
@@ -183,7 +204,7 @@ def alive(pid, marker):
         return False
 out = {}
 for r in req["runs"]:
-    rid, root = r["id"], r["root"]
+    rid, root = r["dir"], r["root"]
     d = os.path.join(os.path.expanduser(root), rid)
     rep = {}
     pid = read(path(root, rid, "pid"))
@@ -229,24 +250,78 @@ for r in req["runs"]:
     except OSError:
         pass
     rep.update(metrics_offset=moff, metrics_lines=lines)
-    out[rid] = rep
-sys.stdout.write(json.dumps({"ok": 1, "runs": out}))
+    out[r["id"]] = rep
+gpu = None
+if req.get("gpu"):
+    import shutil, subprocess
+    gpu = {"query_gpu": "", "query_apps": "", "error": "", "pid_runs": {}}
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        gpu["error"] = "nvidia-smi not found"
+    else:
+        for key, args in (("query_gpu", req["q_gpu"]), ("query_apps", req["q_apps"])):
+            try:
+                p = subprocess.run([exe] + args, capture_output=True, timeout=15)
+            except subprocess.TimeoutExpired:
+                gpu["error"] = "nvidia-smi did not answer within 15 s"
+                break
+            if p.returncode != 0:
+                msg = (p.stderr or p.stdout).decode(errors="replace").strip().splitlines()
+                gpu["error"] = "nvidia-smi exited %d: %s" % (p.returncode, msg[0][:200] if msg else "")
+                break
+            gpu[key] = p.stdout.decode(errors="replace")
+        for line in gpu["query_apps"].splitlines():
+            parts = [x.strip() for x in line.split(",")]
+            if len(parts) == 3 and parts[1].isdigit():
+                try:
+                    with open("/proc/%s/environ" % parts[1], "rb") as f:
+                        for item in f.read().split(b"\0"):
+                            if item.startswith(b"LABSITE_RUN_ID="):
+                                gpu["pid_runs"][parts[1]] = item[15:].decode(errors="replace")
+                except OSError:
+                    pass
+sys.stdout.write(json.dumps({"ok": 1, "runs": out, "gpu": gpu}))
 """
 
 
-def poll_script(refs: list[RunRef]) -> str:
-    """One python3 program reporting every given run: state, exit code, new log bytes, metrics."""
+def poll_script(refs: list[RunRef], *, gpu: bool = False) -> str:
+    """One python3 program reporting every given run (state, exit code, new log bytes, metrics)
+    and, with gpu=True, the host's nvidia-smi inventory: one round trip for all of it."""
+    from clusters.gpus import QUERY_APPS_ARGS, QUERY_GPU_ARGS
+
     for ref in refs:
         check_run_id(ref.run_id)
+        check_run_id(ref.directory)
     request = {
         "runs": [
-            {"id": r.run_id, "root": r.run_root, "log": r.log_offset, "metrics": r.metrics_offset}
+            {
+                "id": r.run_id,
+                "dir": r.directory,
+                "root": r.run_root,
+                "log": r.log_offset,
+                "metrics": r.metrics_offset,
+            }
             for r in refs
         ],
         "max_log": MAX_LOG_CHUNK,
         "max_metrics": MAX_METRICS_CHUNK,
+        "gpu": gpu,
+        "q_gpu": QUERY_GPU_ARGS,
+        "q_apps": QUERY_APPS_ARGS,
     }
     return f"REQ = {json.dumps(_b64(json.dumps(request)))}\n{_POLL}"
+
+
+def parse_gpu(stdout: str) -> GpuReport | None:
+    data = json.loads(stdout).get("gpu")
+    if data is None:
+        return None
+    return GpuReport(
+        query_gpu=data["query_gpu"],
+        query_apps=data["query_apps"],
+        error=data["error"],
+        pid_runs={int(pid): run_id for pid, run_id in data["pid_runs"].items()},
+    )
 
 
 def parse_poll(stdout: str) -> dict[str, RunReport]:
@@ -271,9 +346,10 @@ def parse_poll(stdout: str) -> dict[str, RunReport]:
     return reports
 
 
-def cancel_script(run_root: str, run_id: str, grace_seconds: float) -> str:
+def cancel_script(run_root: str, run_id: str, grace_seconds: float, dir_name: str = "") -> str:
     """SIGTERM the run's group and every process carrying its LABSITE_RUN_ID, wait, SIGKILL, confirm."""
-    d = dir_expr(run_root, run_id)
+    check_run_id(run_id)
+    d = dir_expr(run_root, dir_name or run_id)
     marker = shlex.quote(f"LABSITE_RUN_ID={run_id}")
     steps = max(1, int(grace_seconds * 10))
     return f"""set -u

@@ -1,0 +1,149 @@
+"""The scheduler's policy on real rows: placement, reasons, caps, backfill, budgets, no_gpu."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from django.utils import timezone
+
+from clusters.models import Host
+from experiments import runner, services
+from experiments.actors import Actor
+from experiments.models import Alert, GpuLease, Run
+from tests.factories import GpuFactory
+
+WRAP = {"enabled": True, "retries": -1, "retry_delay_seconds": 30}
+
+
+@pytest.fixture
+def hosts(db):
+    a = Host.objects.create(name="node-a", kind="ssh", hostname="10.0.0.1", state="online",
+                            gpu_source="nvidia-smi")
+    b = Host.objects.create(name="node-b", kind="ssh", hostname="10.0.0.2", state="online",
+                            gpu_source="nvidia-smi")
+    gpus = {
+        "a": [GpuFactory(host=a, index=i) for i in range(4)],
+        "b": [GpuFactory(host=b, index=i) for i in range(4)],
+    }
+    return a, b, gpus
+
+
+def make(member, n=1, **kw):
+    actor = Actor(kind="user", user=member.user)
+    return [
+        services.run_create(actor=actor, command="train", auto_start=True, kick=False,
+                            gpuwrap_config=kw.pop("wrap", WRAP), **kw)
+        for _ in range(n)
+    ]
+
+
+def leased_indices(run: Run) -> tuple[str, list[int]]:
+    leases = GpuLease.objects.filter(run=run, released_at__isnull=True).select_related("gpu__host")
+    hosts = {lease.gpu.host.name for lease in leases}
+    assert len(hosts) <= 1
+    return (hosts.pop() if hosts else ""), sorted(lease.gpu.index for lease in leases)
+
+
+def test_busy_gpus_are_skipped_and_multi_gpu_runs_stay_on_one_host(hosts, member):
+    a, b, gpus = hosts
+    gpus["a"][1].processes = [{"pid": 4242, "used_memory_mb": 500, "run_id": None}]
+    gpus["a"][1].save()
+    gpus["b"][2].memory_used_mb = 30000
+    gpus["b"][2].save()
+    big = make(member, gpus=3)[0]
+    small = make(member, n=3, gpus=1)
+    runner.schedule_pass()
+    host, indices = leased_indices(Run.objects.get(pk=big.pk))
+    assert len(indices) == 3 and (host, indices) in [("node-a", [0, 2, 3]), ("node-b", [0, 1, 3])]
+    taken = [(host, i) for i in indices]
+    for r in small:
+        h, idx = leased_indices(Run.objects.get(pk=r.pk))
+        assert len(idx) == 1
+        taken.append((h, idx[0]))
+    assert ("node-a", 1) not in taken and ("node-b", 2) not in taken
+    assert len(taken) == len(set(taken)) == 6
+
+
+def test_a_run_that_cannot_fit_says_why(hosts, member):
+    run = make(member, gpus=5)[0]
+    runner.schedule_pass()
+    run.refresh_from_db()
+    assert run.status == "queued"
+    assert run.waiting_reason == "needs 5 GPU(s); 4 free on node-a, 4 free on node-b"
+    mem = make(member, gpus=1, min_free_mem_mb=70000)[0]  # 1.2 x 70000 > 81916 free
+    runner.schedule_pass()
+    mem.refresh_from_db()
+    assert mem.status == "queued" and "with 70000 MB free; 0 free on node-a" in mem.waiting_reason
+
+
+def test_the_per_user_cap_holds(hosts, member, other, settings):
+    settings.LABSITE = {**settings.LABSITE, "MAX_GPUS_PER_USER": 2}
+    mine = make(member, n=3, gpus=1)
+    theirs = make(other, n=1, gpus=1)
+    runner.schedule_pass()
+    statuses = [Run.objects.get(pk=r.pk).status for r in mine]
+    assert statuses.count("launching") == 2
+    waiting = Run.objects.get(pk=mine[2].pk)
+    assert "2 of 2 GPUs in use" in waiting.waiting_reason
+    assert Run.objects.get(pk=theirs[0].pk).status == "launching"
+
+
+def test_a_blocked_big_run_holds_capacity_after_the_backfill_bound(hosts, member, settings):
+    settings.LABSITE = {**settings.LABSITE, "BACKFILL_SECONDS": 60}
+    a, b, gpus = hosts
+    for g in gpus["b"]:
+        g.delete()
+    blocker = make(member, gpus=1)[0]
+    runner.schedule_pass()  # one GPU of node-a taken: 3 free, the big run needs 4
+    big = make(member, gpus=4)[0]
+    small = make(member, gpus=1)[0]
+    runner.schedule_pass()
+    assert Run.objects.get(pk=small.pk).status == "launching", "small runs may pass, for a while"
+    Run.objects.filter(pk=big.pk).update(queued_at=timezone.now() - timedelta(seconds=120))
+    later = make(member, gpus=1)[0]
+    runner.schedule_pass()
+    later.refresh_from_db()
+    assert later.status == "queued" and f"behind run {big.id}" in later.waiting_reason
+    assert Run.objects.get(pk=blocker.pk).status == "launching"
+
+
+def test_gpuwrap_retries_end_in_no_gpu_and_a_waiting_run_can_be_stopped(hosts, member):
+    run = make(member, gpus=8, wrap={"enabled": True, "retries": 2, "retry_delay_seconds": 10})[0]
+    runner.schedule_pass()
+    assert Run.objects.get(pk=run.pk).status == "queued"
+    Run.objects.filter(pk=run.pk).update(queued_at=timezone.now() - timedelta(seconds=25))
+    runner.schedule_pass()
+    run.refresh_from_db()
+    assert run.status == "failed" and run.reason == "no_gpu" and "needs 8 GPU(s)" in run.error
+    forever = make(member, gpus=8)[0]
+    Run.objects.filter(pk=forever.pk).update(queued_at=timezone.now() - timedelta(days=3))
+    runner.schedule_pass()
+    assert Run.objects.get(pk=forever.pk).status == "queued"
+    stopped = services.run_stop(run=forever, actor=Actor(kind="user", user=member.user))
+    assert stopped.status == "stopped"
+
+
+def test_a_plan_past_its_budget_launches_nothing_more(hosts, member, pi):
+    author = Actor(kind="user", user=member.user)
+    plan = services.plan_submit(plan=services.plan_create(actor=author, title="b"), actor=author)
+    services.plan_approve(plan=plan, actor=Actor(kind="user", user=pi.user), gpu_hours_budget=1)
+    done = make(member, gpus=2, plan=plan)[0]
+    Run.objects.filter(pk=done.pk).update(
+        status="finished", started_at=timezone.now() - timedelta(hours=1), ended_at=timezone.now()
+    )
+    waiting = make(member, gpus=1, plan=plan)[0]
+    free_run = make(member, gpus=1)[0]
+    runner.schedule_pass()
+    waiting.refresh_from_db()
+    assert waiting.status == "queued" and "2.0 of its 1 GPU-hour budget" in waiting.waiting_reason
+    assert Run.objects.get(pk=free_run.pk).status == "launching"
+    assert Alert.objects.filter(message__contains=f"Plan {plan.id} reached its GPU-hour budget").count() == 1
+
+
+def test_leases_are_released_when_runs_end(hosts, member):
+    run = make(member, gpus=2)[0]
+    runner.schedule_pass()
+    assert GpuLease.objects.filter(run=run, released_at__isnull=True).count() == 2
+    services.run_transition(run_id=run.id, to="stopped", actor=Actor.system())
+    assert GpuLease.objects.filter(run=run, released_at__isnull=True).count() == 0
