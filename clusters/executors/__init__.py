@@ -107,6 +107,9 @@ def executor_for(host: object) -> Executor:
     if kind == "ssh":
         from clusters.ssh import SshTransport
 
+        if not getattr(host, "host_key_fingerprint", ""):
+            # Nothing is sent to a host whose key is not pinned: only a probe may pin it.
+            raise TransportError(f"host {getattr(host, 'name', '?')}: host key not pinned yet")
         return Executor(SshTransport.for_host(host))
     raise TransportError(
         f"host {getattr(host, 'name', '?')} of kind {kind!r} cannot run commands yet"

@@ -36,17 +36,37 @@ def seed() -> None:
     user, _ = get_user_model().objects.get_or_create(username="bench-sched")
     now = timezone.now()
     for h in range(8):
-        host = Host.objects.create(name=f"sched-{h}", kind="ssh", hostname=f"10.9.9.{h}",
-                                   state="online", gpu_source="nvidia-smi")
+        host = Host.objects.create(
+            name=f"sched-{h}",
+            kind="ssh",
+            hostname=f"10.9.9.{h}",
+            state="online",
+            gpu_source="nvidia-smi",
+        )
         Gpu.objects.bulk_create(
-            Gpu(host=host, uuid=f"GPU-sched-{h}-{i}", index=i, memory_total_mb=81920,
-                memory_used_mb=4, updated_at=now)
+            Gpu(
+                host=host,
+                uuid=f"GPU-sched-{h}-{i}",
+                index=i,
+                memory_total_mb=81920,
+                memory_used_mb=4,
+                updated_at=now,
+            )
             for i in range(8)
         )
     Run.objects.bulk_create(
-        (Run(name=f"q-{i}", command="python train.py", status="queued", gpus=1 + (i % 4 == 0),
-             gpuwrap_config={"enabled": True, "retries": -1}, created_by=user, queued_at=now)
-         for i in range(N_QUEUED)),
+        (
+            Run(
+                name=f"q-{i}",
+                command="python train.py",
+                status="queued",
+                gpus=1 + (i % 4 == 0),
+                gpuwrap_config={"enabled": True, "retries": -1},
+                created_by=user,
+                queued_at=now,
+            )
+            for i in range(N_QUEUED)
+        ),
         batch_size=2000,
     )
     connection.cursor().execute("ANALYZE")

@@ -16,13 +16,19 @@ from tests.factories import GpuFactory
 
 @pytest.mark.django_db(transaction=True)
 def test_racing_scheduler_passes_lease_each_gpu_once(member):
-    host = Host.objects.create(name="racer", kind="ssh", hostname="10.0.0.1", state="online",
-                               gpu_source="nvidia-smi")
+    host = Host.objects.create(
+        name="racer", kind="ssh", hostname="10.0.0.1", state="online", gpu_source="nvidia-smi"
+    )
     gpus = [GpuFactory(host=host, index=i) for i in range(4)]
     actor = Actor(kind="user", user=member.user)
     runs = [
-        services.run_create(actor=actor, command=f"r{i}", auto_start=True, kick=False,
-                            gpuwrap_config={"enabled": True})
+        services.run_create(
+            actor=actor,
+            command=f"r{i}",
+            auto_start=True,
+            kick=False,
+            gpuwrap_config={"enabled": True},
+        )
         for i in range(12)
     ]
     barrier = threading.Barrier(3)
@@ -48,7 +54,9 @@ def test_racing_scheduler_passes_lease_each_gpu_once(member):
     assert sorted(active.values_list("gpu_id", flat=True)) == sorted(g.id for g in gpus)
     launching = Run.objects.filter(pk__in=[r.id for r in runs], status="launching")
     assert launching.count() == 4
-    assert set(active.values_list("run_id", flat=True)) == set(launching.values_list("id", flat=True))
+    assert set(active.values_list("run_id", flat=True)) == set(
+        launching.values_list("id", flat=True)
+    )
     waiting = Run.objects.filter(pk__in=[r.id for r in runs], status="queued")
     assert waiting.count() == 8
     assert all(r.waiting_reason.startswith("needs 1 GPU(s); 0 free on racer") for r in waiting)

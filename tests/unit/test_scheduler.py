@@ -18,10 +18,12 @@ WRAP = {"enabled": True, "retries": -1, "retry_delay_seconds": 30}
 
 @pytest.fixture
 def hosts(db):
-    a = Host.objects.create(name="node-a", kind="ssh", hostname="10.0.0.1", state="online",
-                            gpu_source="nvidia-smi")
-    b = Host.objects.create(name="node-b", kind="ssh", hostname="10.0.0.2", state="online",
-                            gpu_source="nvidia-smi")
+    a = Host.objects.create(
+        name="node-a", kind="ssh", hostname="10.0.0.1", state="online", gpu_source="nvidia-smi"
+    )
+    b = Host.objects.create(
+        name="node-b", kind="ssh", hostname="10.0.0.2", state="online", gpu_source="nvidia-smi"
+    )
     gpus = {
         "a": [GpuFactory(host=a, index=i) for i in range(4)],
         "b": [GpuFactory(host=b, index=i) for i in range(4)],
@@ -32,8 +34,14 @@ def hosts(db):
 def make(member, n=1, **kw):
     actor = Actor(kind="user", user=member.user)
     return [
-        services.run_create(actor=actor, command="train", auto_start=True, kick=False,
-                            gpuwrap_config=kw.pop("wrap", WRAP), **kw)
+        services.run_create(
+            actor=actor,
+            command="train",
+            auto_start=True,
+            kick=False,
+            gpuwrap_config=kw.pop("wrap", WRAP),
+            **kw,
+        )
         for _ in range(n)
     ]
 
@@ -138,7 +146,12 @@ def test_a_plan_past_its_budget_launches_nothing_more(hosts, member, pi):
     waiting.refresh_from_db()
     assert waiting.status == "queued" and "2.0 of its 1 GPU-hour budget" in waiting.waiting_reason
     assert Run.objects.get(pk=free_run.pk).status == "launching"
-    assert Alert.objects.filter(message__contains=f"Plan {plan.id} reached its GPU-hour budget").count() == 1
+    assert (
+        Alert.objects.filter(
+            message__contains=f"Plan {plan.id} reached its GPU-hour budget"
+        ).count()
+        == 1
+    )
 
 
 def test_leases_are_released_when_runs_end(hosts, member):
