@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 MAX_CHANNELS = 8
 CONNECT_TIMEOUT = 10.0
 KEEPALIVE_SECONDS = 15
+# A pooled connection is replaced after this long, so its host key is checked again.
+MAX_CONNECTION_AGE = 600.0
 
 
 class HostKeyMismatch(TransportError):
@@ -76,12 +78,14 @@ class _Connection:
         self.channels = threading.BoundedSemaphore(MAX_CHANNELS)
         self.failures = 0
         self.retry_at = 0.0
+        self.opened_at = 0.0
 
     def transport(self) -> paramiko.Transport:
         with self.lock:
             if self.client is not None:
                 t = self.client.get_transport()
-                if t is not None and t.is_active():
+                fresh = time.monotonic() - self.opened_at < MAX_CONNECTION_AGE
+                if t is not None and t.is_active() and fresh:
                     return t
                 self.client.close()
                 self.client = None
@@ -93,6 +97,7 @@ class _Connection:
             try:
                 self.client, _ = connect(self.target)
                 self.failures = 0
+                self.opened_at = time.monotonic()
             except HostKeyMismatch:
                 raise
             except (OSError, paramiko.SSHException, EOFError) as exc:

@@ -263,16 +263,16 @@ def schedule_pass() -> dict[str, int]:
                 from_=[RunStatus.QUEUED],
                 actor=SYSTEM,
                 reason=RunReason.NO_GPU,
-                message=f"no GPU after {wrap.get('retries')} retries x {wrap.get('retry_delay_seconds', 30)} s",
+                message=f"no GPU after {wrap.get('retries')} retries x "
+                f"{wrap.get('retry_delay_seconds', 30)} s",
                 fields={"error": "no free GPU in time: " + (run.waiting_reason or "")},
             )
             expired += 1
             continue
         cap = lab["MAX_GPUS_PER_USER"]
         if cap and capacity.user_gpus[run.created_by_id] + run.gpus > cap:
-            reasons[
-                f"its owner has {capacity.user_gpus[run.created_by_id]} of {cap} GPUs in use (the lab's cap)"
-            ].append(run.id)
+            in_use = capacity.user_gpus[run.created_by_id]
+            reasons[f"its owner has {in_use} of {cap} GPUs in use (the lab's cap)"].append(run.id)
             continue
         need_mb = math.ceil(1.2 * run.min_free_mem_mb) if run.min_free_mem_mb else 0
         if holding is not None:
@@ -424,8 +424,9 @@ def _confirm_gpu_placement(host: Host) -> None:
             run_id = proc.get("run_id")
             if run_id and (gpu.id, run_id) not in leased:
                 message = (
-                    f"Run {run_id} is using GPU {gpu.index} of {host.name} (pid {proc.get('pid')}), "
-                    "which it did not lease: it may have ignored CUDA_VISIBLE_DEVICES."
+                    f"Run {run_id} is using GPU {gpu.index} of {host.name} "
+                    f"(pid {proc.get('pid')}), which it did not lease: it may have ignored "
+                    "CUDA_VISIBLE_DEVICES."
                 )
                 if not Alert.objects.filter(run_id=run_id, message=message).exists():
                     run = Run.objects.filter(pk=run_id).first()
@@ -445,6 +446,7 @@ def _apply(run: Run, report: RunReport) -> None:
                 actor=SYSTEM,
                 message=f"found running (pid {report.pid})",
                 fields={"pid": report.pid},
+                expect={"attempt": run.attempt},
             )
         return
     if report.state in ("starting", "missing"):
@@ -519,6 +521,7 @@ def _end_failed(run: Run, code: int | None) -> None:
                 "exit_code": None,
                 **({} if run.host_pinned else {"host_id": None}),
             },
+            expect={"attempt": run.attempt},
         )
     else:
         _end(run, RunStatus.FAILED, RunReason.EXIT_CODE, f"exit code {code}", code)
@@ -534,6 +537,7 @@ def _end(run: Run, to: str, reason: str, message: str, code: int | None = None) 
         reason=reason,
         message=message,
         fields={"exit_code": code, "error": message if to == RunStatus.FAILED else ""},
+        expect={"attempt": run.attempt},
     )
 
 
@@ -674,7 +678,8 @@ def reconcile() -> dict[str, int]:
     """Bring every launching/running run in line with its host; retry lost cancels."""
     counts: dict[str, int] = defaultdict(int)
     for host_id in hosts_with_active_runs():
-        host_poll(host_id)
+        # Through the task, so the per-host lock keeps polls of one host from overlapping.
+        services._enqueue("experiments.tasks.poll_host", host_id)
         counts["hosts"] += 1
     for run_id in Run.objects.filter(
         status__in=list(ACTIVE), stop_requested_at__isnull=False

@@ -62,8 +62,12 @@ def run_transition(
     reason: str = "",
     message: str = "",
     fields: Mapping[str, Any] | None = None,
+    expect: Mapping[str, Any] | None = None,
 ) -> bool:
     """Move a run to `to` if it is still in one of `from_`; True for the one caller that wins.
+
+    `expect` adds conditions (e.g. the attempt a host report was read for), so a stale report
+    cannot move a newer attempt of the run.
 
     A conditional UPDATE decides the race (it behaves the same on SQLite and PostgreSQL),
     and the RunEvent is written in the same transaction, so no change goes unaudited.
@@ -75,10 +79,12 @@ def run_transition(
         values["reason"] = reason
     values.update(fields or {})
     with transaction.atomic():
-        current = Run.objects.filter(pk=run_id).values_list("status", flat=True).first()
+        current = (
+            Run.objects.filter(pk=run_id, **(expect or {})).values_list("status", flat=True).first()
+        )
         if current is None or current not in allowed:
             return False
-        if Run.objects.filter(pk=run_id, status=current).update(**values) != 1:
+        if Run.objects.filter(pk=run_id, status=current, **(expect or {})).update(**values) != 1:
             return False
         RunEvent.objects.create(
             run_id=run_id,

@@ -107,9 +107,12 @@ def executor_for(host: object) -> Executor:
     if kind == "ssh":
         from clusters.ssh import SshTransport
 
+        name = getattr(host, "name", "?")
         if not getattr(host, "host_key_fingerprint", ""):
             # Nothing is sent to a host whose key is not pinned: only a probe may pin it.
-            raise TransportError(f"host {getattr(host, 'name', '?')}: host key not pinned yet")
+            raise TransportError(f"host {name}: host key not pinned yet")
+        if getattr(host, "state", "") == "key_mismatch":
+            raise TransportError(f"host {name}: its host key changed; an admin must accept it")
         return Executor(SshTransport.for_host(host))
     raise TransportError(
         f"host {getattr(host, 'name', '?')} of kind {kind!r} cannot run commands yet"
