@@ -379,6 +379,8 @@ def host_poll(host_id: int) -> dict[str, Any]:
         not host.enabled and not host.runs.filter(status__in=list(ACTIVE)).exists()
     ):
         return {"runs": 0}
+    if host.kind == HostKind.SSH and not host.host_key_fingerprint:
+        return {"runs": 0, "error": "host key not pinned yet: a probe pins it"}
     runs = list(Run.objects.filter(host=host, status__in=list(ACTIVE)))
     refs = [
         RunRef(

@@ -27,3 +27,5 @@ fresh_db
 "$PY" tests/bench/bench_runs.py
 fresh_db
 "$PY" tests/bench/bench_sched.py
+fresh_db
+"$PY" tests/bench/bench_burst.py

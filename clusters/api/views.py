@@ -17,7 +17,6 @@ from rest_framework.response import Response
 
 from clusters import services
 from clusters.api import serializers as s
-from clusters.choices import HostState
 from clusters.models import Host
 from labsite.errors import Conflict
 from labsite.roles import is_admin
@@ -33,21 +32,15 @@ class IsAdminForWrites(permissions.BasePermission):
 
 
 def _probe_and_wait(host: Host) -> Host:
-    """Ask a worker to probe (no SSH in a web request) and wait briefly for its answer.
-
-    The periodic poll of the host may answer first (it pins and checks keys the same way).
-    """
+    """Ask a worker to probe (no SSH in a web request) and wait briefly for its answer."""
     from labsite.celery import app
 
     asked = timezone.now()
-    before = host.state
     app.send_task("experiments.tasks.probe_host", args=[host.pk])
     deadline = time.monotonic() + settings.LABSITE["HOST_PROBE_WAIT_SECONDS"]
     while time.monotonic() < deadline:
         host.refresh_from_db()
-        if (host.probed_at and host.probed_at >= asked) or (
-            before == HostState.UNKNOWN and host.state != HostState.UNKNOWN
-        ):
+        if host.probed_at and host.probed_at >= asked:
             break
         time.sleep(0.1)
     return host

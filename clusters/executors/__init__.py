@@ -67,9 +67,13 @@ class LocalTransport:
 class Executor:
     """launch / poll / cancel over one transport."""
 
-    def __init__(self, transport: Transport, *, timeout: float = 30.0) -> None:
+    def __init__(
+        self, transport: Transport, *, timeout: float = 30.0, poll_timeout: float = 10.0
+    ) -> None:
         self.transport = transport
         self.timeout = timeout
+        # A poll is small: a host that cannot answer it in this long is flagged unreachable.
+        self.poll_timeout = poll_timeout
 
     def launch(self, spec: LaunchSpec) -> int | None:
         """Start the run detached and return the wrapper's pid (None: cancelled before start)."""
@@ -82,7 +86,9 @@ class Executor:
         """One round trip for every given run on this host (and its GPUs, with gpu=True)."""
         if not refs and not gpu:
             return {}, None
-        result = self.transport.run("python3", protocol.poll_script(refs, gpu=gpu), self.timeout)
+        result = self.transport.run(
+            "python3", protocol.poll_script(refs, gpu=gpu), self.poll_timeout
+        )
         if result.code != 0:
             raise ProtocolError(f"poll exited {result.code}: {result.stderr.strip()[-300:]}")
         return protocol.parse_poll(result.stdout), protocol.parse_gpu(result.stdout)

@@ -132,6 +132,11 @@ def test_an_agent_session_through_curl(live_server):
     assert curl(f"{api}/plans", token=agent)["results"][0]["id"] == plan["id"]
     assert curl(f"{api}/plans/{plan['id']}", token=agent)["reviewer"] == "prof"
 
+    logs = curl(f"{api}/runs/{run['id']}/logs?offset=-4000&limit=4000", token=agent)
+    assert {"content", "offset", "total_size", "has_more_before", "has_more_after"} <= set(logs)
+    metrics = curl(f"{api}/runs/{run['id']}/metrics", token=agent)
+    assert metrics["series"] == {} and metrics["latest"] == {}
+    assert curl(f"{api}/hosts", token=agent)["count"] >= 1
     stopped = curl(f"{api}/runs/{run['id']}/stop", "-X", "POST", token=agent)
     assert stopped["status"] == "stopped"
     rerun = curl(f"{api}/runs/{run['id']}/rerun", "-X", "POST", token=agent)

@@ -146,7 +146,7 @@ def test_sshd_restart_and_a_cut_link_fail_nothing(lab, member):
     h.restart_sshd()
     time.sleep(1)
     h.link_down()
-    wait_for(lambda: Run.objects.get(pk=run_id).reason == "host_unreachable", 30)
+    wait_for(lambda: Run.objects.get(pk=run_id).reason == "host_unreachable", 60)
     time.sleep(2)  # longer than a poll interval, while the run goes on out there
     assert Run.objects.get(pk=run_id).status == "running"
     h.link_up()
@@ -174,7 +174,9 @@ def test_a_changed_host_key_is_refused_and_nothing_runs(lab, member, admin):
     assert h.host_key_fingerprint in alert.message
     time.sleep(2)
     assert not (Path(h.home) / "executed").exists() and not run_dir(h, run_id).exists()
-    assert Run.objects.get(pk=run_id).status == "launching"
+    # Refused before or at launch: it waits (queued, or launching if placed before the poll saw
+    # the new key) and nothing reached the host.
+    assert Run.objects.get(pk=run_id).status in {"queued", "launching"}
     # An admin checks the new key out of band, accepts it, and the run goes.
     accepted = admin.client.post(
         f"/api/hosts/{h.name}/accept-key", {"fingerprint": h.host_key_fingerprint}, format="json"
@@ -269,3 +271,18 @@ def test_a_launching_run_is_stopped_and_never_starts(lab, member):
     assert ended(run_id, timeout=90).status == "stopped"
     time.sleep(2)
     assert not (Path(h.home) / "late-executed").exists()
+
+
+def test_a_50_mb_log_over_ssh_arrives_whole_with_its_bytes(lab, member, settings):
+    h = lab[0]
+    command = (
+        "head -c 50000000 /dev/zero | tr '\\0' x | fold -w 100; echo; "
+        "printf 'caf\\xc3\\xa9 \\xff\\xfe\\n'; echo END"
+    )
+    run_id = create(member.client, h, name="big-ssh", command=command)
+    assert ended(run_id, timeout=240).status == "finished"
+    body = member.client.get(f"/api/runs/{run_id}/logs", {"offset": -20}).json()
+    assert body["total_size"] == 50_000_000 + 499_999 + 1 + 9 + 4
+    assert body["content"].endswith("café \ufffd\ufffd\nEND\n")
+    raw = (Path(settings.DATA_DIR) / "logs" / f"{run_id}.log").read_bytes()
+    assert raw == (run_dir(h, run_id) / "output.log").read_bytes()

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from clusters.models import Host
 from experiments import services
 from experiments.actors import Actor
 from experiments.choices import PlanStatus
@@ -22,6 +23,7 @@ def world(member, other, pi, admin, anon):
     draft = services.plan_create(actor=actor, title="draft plan")
     pending = services.plan_submit(plan=services.plan_create(actor=actor, title="p"), actor=actor)
     alert = services.alert_raise(message="check this", run=run, choices=["acknowledge", "stop"])
+    Host.objects.create(name="gpu-box", kind="ssh", hostname="10.200.0.9")
     clients = {
         ANON: anon,
         OWNER: member.client,
@@ -101,6 +103,18 @@ CASES = [
         {ANON: 401, OWNER: 403, OTHER: 403},
         200,
     ),
+    ("get", "/api/hosts", None, {ANON: 401}, 200),
+    ("get", "/api/hosts/gpu-box", None, {ANON: 401}, 200),
+    (
+        "patch",
+        "/api/hosts/gpu-box",
+        {"env_setup": "source ~/venv/bin/activate"},
+        {ANON: 401, OWNER: 403, OTHER: 403, PI: 403},
+        200,
+    ),
+    ("delete", "/api/hosts/gpu-box", None, {ANON: 401, OWNER: 403, OTHER: 403, PI: 403}, 204),
+    ("get", "/api/runs/{run}/logs", None, {ANON: 401}, 200),
+    ("get", "/api/runs/{run}/metrics", None, {ANON: 401}, 200),
     ("get", "/api/openapi.json", None, {}, 200),
     ("get", "/api/docs", None, {}, 200),
 ]

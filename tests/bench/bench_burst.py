@@ -1,0 +1,136 @@
+"""Benchmark: a burst of 1,000 short runs onto 2 hosts x 4 (fake) GPUs, through the real worker.
+
+Total time against the ideal (work / slots), and how long GPUs sat idle between two runs
+while others waited. `make bench`; writes bench-results/burst.md.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import django
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "labsite.settings")
+django.setup()
+
+from django.contrib.auth import get_user_model  # noqa: E402
+from django.db import connection  # noqa: E402
+
+from clusters.models import Host  # noqa: E402
+from clusters.services import host_probe  # noqa: E402
+from experiments import services  # noqa: E402
+from experiments.actors import Actor  # noqa: E402
+from experiments.models import GpuLease, Run  # noqa: E402
+from tests.harness import fakegpu  # noqa: E402
+from tests.harness.sshhosts import SshLab  # noqa: E402
+from tests.harness.worker import Worker, redis_test_client, wait_for  # noqa: E402
+
+N_RUNS = int(os.environ.get("BENCH_BURST_RUNS", "1000"))
+SECONDS = float(os.environ.get("BENCH_BURST_SECONDS", "0.5"))
+POLL = "0.5"
+
+
+def main() -> None:
+    assert connection.vendor == "postgresql"
+    redis_test_client().flushdb()
+    user, _ = get_user_model().objects.get_or_create(username="bench-burst")
+    actor = Actor(kind="user", user=user)
+    logs = ROOT / "bench-results" / "worker-logs-burst"
+    logs.mkdir(parents=True, exist_ok=True)
+    for old in logs.glob("*"):
+        old.unlink()
+    with SshLab(n_hosts=2) as lab:
+        for i, h in enumerate(lab, start=1):
+            fakegpu.install(h, fakegpu.gpu_rows(4, i))
+            host = Host.objects.create(
+                name=h.name,
+                kind="ssh",
+                hostname=h.ip,
+                port=h.port,
+                username=h.username,
+                identity_file=str(h.key_path),
+            )
+            assert host_probe(host.pk)[1] == "online"
+        Host.objects.filter(name="local").update(enabled=False)
+        worker = Worker(logs, LABSITE_POLL_INTERVAL_SECONDS=POLL).start()
+        try:
+            wait_for(
+                lambda: (
+                    GpuLease.objects.count() == 0
+                    and sum(
+                        Host.objects.get(name=h.name).gpus.filter(present=True).count() for h in lab
+                    )
+                    == 8
+                ),
+                60,
+            )
+            t0 = time.time()
+            ids = [
+                services.run_create(
+                    actor=actor,
+                    command=f"sleep {SECONDS}",
+                    name=f"burst-{i}",
+                    auto_start=True,
+                    kick=False,
+                    gpuwrap_config={"enabled": True},
+                ).id
+                for i in range(N_RUNS)
+            ]
+            submitted = time.time() - t0
+            services._enqueue("experiments.tasks.schedule")
+            wait_for(
+                lambda: (
+                    Run.objects.filter(pk__in=ids, status__in=["finished", "failed"]).count()
+                    == N_RUNS
+                ),
+                1800,
+                1.0,
+            )
+            total = time.time() - t0
+        finally:
+            worker.stop()
+    failed = Run.objects.filter(pk__in=ids, status="failed").count()
+    gaps = []
+    by_gpu: dict[int, list[GpuLease]] = defaultdict(list)
+    for lease in GpuLease.objects.filter(run_id__in=ids).order_by("created_at"):
+        by_gpu[lease.gpu_id].append(lease)
+    for leases in by_gpu.values():
+        for prev, nxt in zip(leases, leases[1:], strict=False):
+            if prev.released_at:
+                gaps.append((nxt.created_at - prev.released_at).total_seconds())
+    held = [
+        (lease.released_at - lease.created_at).total_seconds()
+        for leases in by_gpu.values()
+        for lease in leases
+        if lease.released_at
+    ]
+    ideal = N_RUNS * SECONDS / 8
+    lines = [
+        f"# Burst: {N_RUNS} runs of `sleep {SECONDS}` onto 2 hosts x 4 GPUs (fake nvidia-smi), "
+        f"poll interval {POLL} s",
+        f"(measured {time.strftime('%Y-%m-%d %H:%M')} UTC, 2-core machine; submit took "
+        f"{submitted:.1f} s; {failed} failed)",
+        "",
+        "| figure | value |",
+        "|---|---:|",
+        f"| total, first submit to last finish | {total:.1f} s |",
+        f"| ideal (work / slots) | {ideal:.1f} s |",
+        f"| ratio total / ideal | {total / ideal:.2f} |",
+        f"| GPU idle between two runs while others waited, median | {statistics.median(gaps) * 1000:.0f} ms |",
+        f"| same, p95 | {sorted(gaps)[int(0.95 * (len(gaps) - 1))] * 1000:.0f} ms |",
+        f"| lease held per run (run + launch + detection), median | {statistics.median(held) * 1000:.0f} ms |",
+    ]
+    table = "\n".join(lines)
+    print(table)
+    (ROOT / "bench-results" / "burst.md").write_text(table + "\n")
+
+
+if __name__ == "__main__":
+    main()

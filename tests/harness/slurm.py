@@ -1,0 +1,359 @@
+"""A private single-node Slurm cluster for tests (see TESTING.md, "Single-node Slurm").
+
+Plain Python, no pytest.  Needs root and Debian ``munge`` + ``slurm-wlm`` (Slurm 22.05):
+``apt-get install -y munge slurm-wlm``.
+
+Everything lives in one fresh temp dir (0711: munged needs o+x above its socket)::
+
+    <dir>/munge/        0700  munge.key, munged.pid, munged.log, munged.seed
+    <dir>/munge-sock/   0755  munge.socket
+    <dir>/etc/          slurm.conf, gres.conf
+    <dir>/dev/          nvidia0..nvidia3  (character devices ``c 1 3``: fake GPUs)
+    <dir>/state, spool, log, run
+
+munged runs with its own key and socket (``AuthInfo=socket=...``), and slurmctld/slurmd use
+ports picked free at start, so a machine-wide munge or Slurm is never used or touched.  All
+three daemons run in the foreground (``-F``/``-D``) in their own sessions and are stopped by
+their pids (process groups) in :meth:`SlurmCluster.close`.
+
+Clients talk to the cluster with ``SLURM_CONF=<conf_path>`` (see :attr:`SlurmCluster.env`).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+APT_PACKAGES = ("munge", "slurm-wlm")
+MUNGED = "/usr/sbin/munged"
+MUNGEKEY = "/usr/sbin/mungekey"
+SLURMCTLD = "/usr/sbin/slurmctld"
+SLURMD = "/usr/sbin/slurmd"
+_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+_DIR_PREFIX = "labsite-slurm-"
+
+GPU_COUNT = 4
+PARTITION = "gpu"
+NODE = "localhost"
+
+
+def missing_prerequisites() -> list[str]:
+    """What this machine lacks to run a SlurmCluster (empty when it can)."""
+    problems = []
+    if os.geteuid() != 0:
+        problems.append("must run as root (slurmd, mknod)")
+    for exe in (MUNGED, SLURMCTLD, SLURMD):
+        if not os.access(exe, os.X_OK):
+            problems.append(f"{exe} missing (apt-get install -y {' '.join(APT_PACKAGES)})")
+    for exe in ("sinfo", "sbatch", "squeue", "scancel"):
+        if shutil.which(exe) is None:
+            problems.append(f"{exe} not on PATH (apt-get install -y slurm-client)")
+    if shutil.which("mknod") is None:
+        problems.append("mknod missing (coreutils)")
+    return problems
+
+
+def _free_ports(n: int) -> list[int]:
+    """n distinct TCP ports free on 127.0.0.1 right now (held together so they differ)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _tail(path: Path, n: int = 20) -> str:
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return f"({path.name}: none)"
+    return f"--- {path.name} (last {n} lines) ---\n" + "\n".join(lines[-n:])
+
+
+class SlurmError(RuntimeError):
+    pass
+
+
+class SlurmCluster:
+    """One slurmctld + one slurmd (node ``localhost``, partition ``gpu``, 4 fake GPUs).
+
+    Use as a context manager, or call :meth:`start` and :meth:`close`.
+    """
+
+    def __init__(self, *, cpus: int = 2, gpus: int = GPU_COUNT, start_timeout: float = 30) -> None:
+        self.cpus = cpus
+        self.gpus = gpus
+        self.start_timeout = start_timeout
+        self.dir: Path | None = None
+        self.conf_path: Path | None = None
+        self.munge_socket: Path | None = None
+        self.ctld_port = 0
+        self.slurmd_port = 0
+        self._procs: dict[str, subprocess.Popen] = {}
+        self._logs: dict[str, Path] = {}
+
+    # ------------------------------------------------------------------ public
+
+    @property
+    def env(self) -> dict[str, str]:
+        """Environment for Slurm clients (``sinfo``, ``sbatch``...) aimed at this cluster."""
+        assert self.conf_path is not None, "cluster not started"
+        return {**os.environ, "SLURM_CONF": str(self.conf_path)}
+
+    def run(self, *args: str, timeout: float = 15, check: bool = True) -> str:
+        """Run a Slurm client command against this cluster; its stdout."""
+        p = subprocess.run(
+            list(args), capture_output=True, text=True, env=self.env, timeout=timeout
+        )
+        if check and p.returncode != 0:
+            raise SlurmError(f"{' '.join(args)} exited {p.returncode}: {p.stderr.strip()}")
+        return p.stdout
+
+    def start(self) -> SlurmCluster:
+        problems = missing_prerequisites()
+        if problems:
+            raise SlurmError("cannot start Slurm: " + "; ".join(problems))
+        self.dir = Path(tempfile.mkdtemp(prefix=_DIR_PREFIX))
+        atexit.register(self.close)  # a test run that dies between start and close
+        try:
+            self._write_munge()
+            self._start(
+                "munged",
+                [
+                    MUNGED,
+                    "--foreground",
+                    f"--key-file={self._munge_dir / 'munge.key'}",
+                    f"--socket={self.munge_socket}",
+                    f"--pid-file={self._munge_dir / 'munged.pid'}",
+                    f"--log-file={self._munge_dir / 'munged.log'}",
+                    f"--seed-file={self._munge_dir / 'munged.seed'}",
+                ],
+                self._munge_dir / "munged.log",
+            )
+            self._wait(
+                lambda: self.munge_socket is not None and self.munge_socket.exists(),
+                "munged socket",
+            )
+            self._write_slurm()
+            self._start(
+                "slurmctld",
+                [SLURMCTLD, "-D", "-i", "-f", str(self.conf_path)],
+                self.dir / "log" / "slurmctld.log",
+            )
+            self._start(
+                "slurmd",
+                [SLURMD, "-D", "-f", str(self.conf_path), "-N", NODE],
+                self.dir / "log" / "slurmd.log",
+            )
+            self._wait(self._idle, "node localhost idle in sinfo")
+        except BaseException:
+            with contextlib.suppress(Exception):  # keep the start error, not a cleanup one
+                self.close()
+            raise
+        return self
+
+    def close(self) -> None:
+        """Cancel jobs, stop slurmd, slurmctld and munged by pid, remove the temp dir."""
+        atexit.unregister(self.close)
+        errors: list[str] = []
+        if self._procs.get("slurmctld") and self._procs["slurmctld"].poll() is None:
+            with contextlib.suppress(Exception):
+                ids = self.run("squeue", "-h", "-o", "%i", timeout=5, check=False)
+                ids_list = ids.split()
+                if ids_list:
+                    self.run("scancel", *ids_list, timeout=5, check=False)
+        for name in ("slurmd", "slurmctld", "munged"):
+            proc = self._procs.pop(name, None)
+            if proc is not None:
+                err = self._stop(name, proc)
+                if err:
+                    errors.append(err)
+        self._logs.clear()
+        if self.dir is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self.dir = None
+        if errors:
+            raise SlurmError("; ".join(errors))
+
+    def __enter__(self) -> SlurmCluster:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ setup
+
+    @property
+    def _munge_dir(self) -> Path:
+        assert self.dir is not None
+        return self.dir / "munge"
+
+    def _write_munge(self) -> None:
+        assert self.dir is not None
+        # munged: "execute permissions for all required" on every directory above its socket.
+        os.chmod(self.dir, 0o711)  # noqa: S103
+        self._munge_dir.mkdir(mode=0o700)
+        os.chmod(self._munge_dir, 0o700)
+        sock_dir = self.dir / "munge-sock"
+        sock_dir.mkdir()
+        os.chmod(sock_dir, 0o755)  # noqa: S103 - munged requires its socket dir to be 0755
+        self.munge_socket = sock_dir / "munge.socket"
+        key = self._munge_dir / "munge.key"
+        if os.access(MUNGEKEY, os.X_OK):
+            subprocess.run(
+                [MUNGEKEY, "-c", "-k", str(key)], check=True, capture_output=True, timeout=15
+            )
+        else:
+            key.write_bytes(os.urandom(1024))
+        os.chmod(key, 0o600)
+
+    def _write_slurm(self) -> None:
+        assert self.dir is not None and self.munge_socket is not None
+        d = self.dir
+        for sub in ("etc", "state", "spool", "log", "run", "dev"):
+            (d / sub).mkdir(mode=0o755, exist_ok=True)
+        for i in range(self.gpus):
+            subprocess.run(
+                ["mknod", "-m", "666", str(d / "dev" / f"nvidia{i}"), "c", "1", "3"],
+                check=True,
+                capture_output=True,
+                timeout=10,
+            )
+        self.ctld_port, self.slurmd_port = _free_ports(2)
+        self.conf_path = d / "etc" / "slurm.conf"
+        self.conf_path.write_text(
+            "\n".join(
+                [
+                    f"ClusterName=labsite{os.getpid()}",
+                    "SlurmctldHost=localhost(127.0.0.1)",
+                    "SlurmUser=root",
+                    "SlurmdUser=root",
+                    f"SlurmctldPort={self.ctld_port}",
+                    f"SlurmdPort={self.slurmd_port}",
+                    "AuthType=auth/munge",
+                    "CredType=cred/munge",
+                    f"AuthInfo=socket={self.munge_socket}",
+                    "ProctrackType=proctrack/linuxproc",
+                    "TaskPlugin=task/none",
+                    "JobAcctGatherType=jobacct_gather/none",
+                    "AccountingStorageType=accounting_storage/none",
+                    "JobCompType=jobcomp/none",
+                    "MpiDefault=none",
+                    "SelectType=select/cons_tres",
+                    "SelectTypeParameters=CR_Core",
+                    "GresTypes=gpu",
+                    "SchedulerType=sched/backfill",
+                    "SchedulerParameters=batch_sched_delay=0",
+                    "MinJobAge=3600",
+                    "ReturnToService=2",
+                    "SlurmctldTimeout=30",
+                    "SlurmdTimeout=60",
+                    f"StateSaveLocation={d / 'state'}",
+                    f"SlurmdSpoolDir={d / 'spool'}",
+                    f"SlurmctldPidFile={d / 'run' / 'slurmctld.pid'}",
+                    f"SlurmdPidFile={d / 'run' / 'slurmd.pid'}",
+                    f"SlurmctldLogFile={d / 'log' / 'slurmctld.log'}",
+                    f"SlurmdLogFile={d / 'log' / 'slurmd.log'}",
+                    "SlurmctldDebug=info",
+                    "SlurmdDebug=info",
+                    f"PlugStackConfig={d / 'etc' / 'plugstack.conf'}",
+                    f"NodeName={NODE} NodeAddr=127.0.0.1 CPUs={self.cpus} "
+                    f"Gres=gpu:{self.gpus} State=UNKNOWN",
+                    f"PartitionName={PARTITION} Nodes={NODE} Default=YES MaxTime=INFINITE State=UP",
+                    "",
+                ]
+            )
+        )
+        (d / "etc" / "plugstack.conf").write_text("")
+        last = self.gpus - 1
+        file_spec = f"nvidia[0-{last}]" if self.gpus > 1 else "nvidia0"
+        (d / "etc" / "gres.conf").write_text(
+            f"AutoDetect=off\nNodeName={NODE} Name=gpu File={d / 'dev' / file_spec}\n"
+        )
+
+    # ------------------------------------------------------------------ processes
+
+    def _start(self, name: str, args: list[str], log: Path) -> None:
+        assert self.dir is not None
+        self._logs[name] = log
+        out = open(self.dir / f"{name}.stdout", "wb")  # noqa: SIM115 - closed right after spawn
+        try:
+            self._procs[name] = subprocess.Popen(
+                args,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env={"PATH": _PATH, "HOME": str(self.dir), "LANG": "C"},
+                cwd=self.dir,
+            )
+        finally:
+            out.close()
+
+    def _stop(self, name: str, proc: subprocess.Popen) -> str:
+        # Signal the process group (the daemon and anything it spawned, e.g. slurmstepd) while
+        # the leader is still unreaped, so its pid (= pgid) cannot have been reused.
+        if proc.poll() is not None:
+            return ""
+        for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, sig)
+            try:
+                proc.wait(timeout=wait)
+                return ""
+            except subprocess.TimeoutExpired:
+                continue
+        return f"{name} (pid {proc.pid}) did not stop"
+
+    def _diagnostics(self) -> str:
+        assert self.dir is not None
+        parts = []
+        for name, proc in self._procs.items():
+            rc = proc.poll()
+            parts.append(f"{name}: pid {proc.pid} " + ("running" if rc is None else f"exited {rc}"))
+        for name, log in self._logs.items():
+            parts.append(_tail(log))
+            parts.append(_tail(self.dir / f"{name}.stdout", 10))
+        return "\n".join(parts)
+
+    def _wait(self, ready: Any, what: str) -> None:
+        deadline = time.monotonic() + self.start_timeout
+        delay = 0.05
+        while True:
+            for name, proc in self._procs.items():
+                if proc.poll() is not None:
+                    raise SlurmError(
+                        f"{name} exited ({proc.returncode}) while waiting for {what}\n"
+                        + self._diagnostics()
+                    )
+            if ready():
+                return
+            if time.monotonic() > deadline:
+                raise SlurmError(
+                    f"timed out after {self.start_timeout}s waiting for {what}\n"
+                    + self._diagnostics()
+                )
+            time.sleep(delay)
+            delay = min(delay * 1.5, 0.3)
+
+    def _idle(self) -> bool:
+        try:
+            out = self.run("sinfo", "-h", "-o", "%T", timeout=5, check=False)
+        except subprocess.TimeoutExpired:
+            return False
+        states = out.split()
+        return bool(states) and all(s == "idle" for s in states)
