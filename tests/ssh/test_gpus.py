@@ -19,8 +19,8 @@ from typing import Any
 from clusters.models import Gpu
 from experiments.models import Alert, GpuLease, Run, RunEvent
 from tests.harness import fakegpu
+from tests.harness.api import TERMINAL, create, register
 
-TERMINAL = {"finished", "failed", "stopped"}
 GPUWRAP = {"enabled": True}
 FAST_RETRY = {"enabled": True, "retries": -1, "retry_delay_seconds": 1}
 
@@ -67,30 +67,6 @@ def eventually(
         if time.monotonic() > deadline:
             raise AssertionError(f"not within {timeout} s: {describe()}")
         time.sleep(interval)
-
-
-def register(admin, host, **extra) -> dict:
-    body = {
-        "name": host.name,
-        "kind": "ssh",
-        "hostname": host.ip,
-        "port": host.port,
-        "username": host.username,
-        "identity_file": str(host.key_path),
-        **extra,
-    }
-    response = admin.client.post("/api/hosts", body, format="json")
-    assert response.status_code == 201, response.content
-    return response.json()
-
-
-def create(client, host=None, **body) -> str:
-    """POST /api/runs (auto_start); without `host` the scheduler picks one."""
-    if host is not None:
-        body["host"] = host.name
-    response = client.post("/api/runs", {"auto_start": True, **body}, format="json")
-    assert response.status_code == 201, response.content
-    return response.json()["id"]
 
 
 def runs_summary(ids: list[str]) -> str:

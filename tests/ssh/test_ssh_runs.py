@@ -11,38 +11,8 @@ import pytest
 
 from clusters.models import Host
 from experiments.models import Alert, Run, RunEvent
+from tests.harness.api import TERMINAL, create, ended, register
 from tests.harness.worker import wait_for
-
-TERMINAL = {"finished", "failed", "stopped"}
-
-
-def register(admin, host, **extra) -> dict:
-    body = {
-        "name": host.name,
-        "kind": "ssh",
-        "hostname": host.ip,
-        "port": host.port,
-        "username": host.username,
-        "identity_file": str(host.key_path),
-        **extra,
-    }
-    response = admin.client.post("/api/hosts", body, format="json")
-    assert response.status_code == 201, response.content
-    return response.json()
-
-
-def create(client, host, **body) -> str:
-    response = client.post(
-        "/api/runs", {"auto_start": True, "host": host.name, **body}, format="json"
-    )
-    assert response.status_code == 201, response.content
-    return response.json()["id"]
-
-
-def ended(run_id: str, timeout: float = 60) -> Run:
-    return wait_for(
-        lambda: (r := Run.objects.get(pk=run_id)).status in TERMINAL and r, timeout=timeout
-    )
 
 
 def run_dir(host, run_id: str) -> Path:
