@@ -12,6 +12,7 @@ import math
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from django.conf import settings
@@ -139,8 +140,7 @@ def _place(run: Run, host: Host, gpus: list[Gpu]) -> bool:
     """Lease the GPUs and move queued -> launching in ONE transaction."""
     try:
         with transaction.atomic():
-            for gpu in gpus:
-                GpuLease.objects.create(gpu=gpu, run=run)
+            GpuLease.objects.bulk_create(GpuLease(gpu=gpu, run_id=run.id) for gpu in gpus)
             detail = f" GPUs {[g.index for g in gpus]}" if gpus else ""
             if not services.run_transition(
                 run_id=run.id,
@@ -221,7 +221,7 @@ def schedule_pass() -> dict[str, int]:
     now = timezone.now()
     reasons: dict[str, list[str]] = defaultdict(list)
     placed = expired = 0
-    holding: Run | None = None
+    holding: Any = None
     budgets = Plan.objects.filter(
         gpu_hours_budget__isnull=False, status__in=list(PLAN_CLEARED)
     ).values_list("id", "gpu_hours_budget")
@@ -229,7 +229,7 @@ def schedule_pass() -> dict[str, int]:
     queued = (
         Run.objects.filter(status=RunStatus.QUEUED)
         .annotate(effective_plan=Coalesce("plan_id", "sweep__plan_id"))
-        .only(
+        .values(
             "id",
             "gpus",
             "min_free_mem_mb",
@@ -238,13 +238,16 @@ def schedule_pass() -> dict[str, int]:
             "queued_at",
             "gpuwrap_config",
             "waiting_reason",
-            "status",
+            "effective_plan",
         )
         .order_by("-priority", "queued_at", "id")
     )
-    for run in queued.iterator(chunk_size=2000):
-        if over_budget and run.effective_plan in over_budget:  # type: ignore[attr-defined]
-            reasons[over_budget[run.effective_plan]].append(run.id)  # type: ignore[attr-defined]
+    unplaceable: dict[tuple[int, int, int | None], str] = {}
+    # Plain rows, not model instances: a pass may walk a queue of tens of thousands.
+    for row in queued.iterator(chunk_size=2000):
+        run: Any = SimpleNamespace(**row)
+        if over_budget and run.effective_plan in over_budget:
+            reasons[over_budget[run.effective_plan]].append(run.id)
             continue
         if run.gpus == 0:
             host = capacity.hosts.get(run.host_id) if run.host_id else _default_host(capacity)
@@ -280,9 +283,15 @@ def schedule_pass() -> dict[str, int]:
                 run.id
             )
             continue
-        choice = _pick(run, capacity, need_mb)
+        # Runs that ask the same thing get the same answer until capacity changes: memoize.
+        shape = (run.gpus, need_mb, run.host_id)
+        choice = None
+        if shape not in unplaceable:
+            choice = _pick(run, capacity, need_mb)
+            if choice is None:
+                unplaceable[shape] = capacity.describe(run, need_mb)
         if choice is None:
-            reasons[capacity.describe(run, need_mb)].append(run.id)
+            reasons[unplaceable[shape]].append(run.id)
             waited = (now - run.queued_at).total_seconds() if run.queued_at else 0
             if waited > lab["BACKFILL_SECONDS"]:
                 holding = run
@@ -290,6 +299,7 @@ def schedule_pass() -> dict[str, int]:
         host, gpus = choice
         if _place(run, host, gpus):
             placed += 1
+            unplaceable.clear()
             taken = {g.id for g in gpus}
             capacity.free[host.id] = [g for g in capacity.free[host.id] if g.id not in taken]
             capacity.user_gpus[run.created_by_id] += run.gpus

@@ -78,7 +78,8 @@ def run_transition(
     if reason or to in TERMINAL:
         values["reason"] = reason
     values.update(fields or {})
-    with transaction.atomic():
+    # No savepoint: inside a caller's transaction (placement), a failure aborts it all anyway.
+    with transaction.atomic(savepoint=False):
         current = (
             Run.objects.filter(pk=run_id, **(expect or {})).values_list("status", flat=True).first()
         )
