@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import time
 from typing import Any
 
 import redis
@@ -10,6 +12,8 @@ from celery.signals import worker_ready
 from django.conf import settings
 
 from experiments import runner
+
+log = logging.getLogger(__name__)
 
 
 def _lock(name: str, timeout: int) -> Any:
@@ -28,7 +32,14 @@ def schedule() -> None:
             return  # the holder sees `again` and runs another pass
         try:
             while client.getdel(again):
-                runner.schedule_pass()
+                started = time.perf_counter()
+                result = runner.schedule_pass()
+                log.info(
+                    "schedule pass: placed %d in %.1f ms (%d waiting)",
+                    result["placed"],
+                    (time.perf_counter() - started) * 1000,
+                    result["waiting"],
+                )
         finally:
             lock.release()
         if not client.exists(again):

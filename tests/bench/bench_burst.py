@@ -7,6 +7,7 @@ while others waited. `make bench`; writes bench-results/burst.md.
 from __future__ import annotations
 
 import os
+import re
 import statistics
 import sys
 import time
@@ -112,6 +113,13 @@ def main() -> None:
         if lease.released_at
     ]
     ideal = N_RUNS * SECONDS / 8
+    passes = [
+        (int(m.group(1)), float(m.group(2)))
+        for path in logs.glob("worker-*.log")
+        for m in re.finditer(r"schedule pass: placed (\d+) in ([\d.]+) ms", path.read_text())
+    ]
+    placed_total = sum(p for p, _ in passes)
+    pass_ms = sum(ms for _, ms in passes)
     lines = [
         f"# Burst: {N_RUNS} runs of `sleep {SECONDS}` onto 2 hosts x 4 GPUs (fake nvidia-smi), "
         f"poll interval {POLL} s",
@@ -126,6 +134,8 @@ def main() -> None:
         f"| GPU idle between two runs while others waited, median | {statistics.median(gaps) * 1000:.0f} ms |",
         f"| same, p95 | {sorted(gaps)[int(0.95 * (len(gaps) - 1))] * 1000:.0f} ms |",
         f"| lease held per run (run + launch + detection), median | {statistics.median(held) * 1000:.0f} ms |",
+        f"| scheduling overhead per run (time in scheduler passes / runs placed) | "
+        f"{pass_ms / max(1, placed_total):.1f} ms ({len(passes)} passes, {placed_total} placed) |",
     ]
     table = "\n".join(lines)
     print(table)
