@@ -44,8 +44,10 @@ def gpu_state(gpu: Gpu, *, leased: bool, host: Host) -> str:
     """free, leased (to a Labsite run), busy_foreign (someone else's process), or busy."""
     if leased:
         return GPU_LEASED
-    if gpu.processes:
+    if any(not p.get("run_id") for p in gpu.processes):
         return GPU_FOREIGN
+    if gpu.processes:
+        return GPU_BUSY  # a Labsite run's process on a GPU it holds no lease on
     policy = gpu_policy_for(host)
     if (
         gpu.memory_used_mb > policy.max_memory_used_mb
