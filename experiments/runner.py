@@ -153,7 +153,7 @@ def _place(run: Run, host: Host, gpus: list[Gpu]) -> bool:
                 raise _Lost()
             run_id = run.id
             transaction.on_commit(
-                lambda: services._enqueue("experiments.tasks.dispatch_run", run_id)
+                lambda: services.enqueue("experiments.tasks.dispatch_run", run_id)
             )
     except (IntegrityError, _Lost):
         return False  # another pass leased a GPU or moved the run first
@@ -464,7 +464,7 @@ def _apply(run: Run, report: RunReport) -> None:
     if report.state in ("starting", "missing"):
         if run.status == RunStatus.LAUNCHING:
             # The dispatch was lost (worker killed, broker restarted): send it again.
-            services._enqueue("experiments.tasks.dispatch_run", run.id)
+            services.enqueue("experiments.tasks.dispatch_run", run.id)
         elif report.state == "missing":
             _end(run, RunStatus.FAILED, RunReason.LOST, "the run directory is gone from the host")
         return
@@ -691,12 +691,12 @@ def reconcile() -> dict[str, int]:
     counts: dict[str, int] = defaultdict(int)
     for host_id in hosts_with_active_runs():
         # Through the task, so the per-host lock keeps polls of one host from overlapping.
-        services._enqueue("experiments.tasks.poll_host", host_id)
+        services.enqueue("experiments.tasks.poll_host", host_id)
         counts["hosts"] += 1
     for run_id in Run.objects.filter(
         status__in=list(ACTIVE), stop_requested_at__isnull=False
     ).values_list("id", flat=True):
-        services._enqueue("experiments.tasks.cancel_run", run_id)
+        services.enqueue("experiments.tasks.cancel_run", run_id)
         counts["cancels"] += 1
     return dict(counts)
 

@@ -293,7 +293,7 @@ def run_stop(*, run: Run, actor: Actor, reason: str = RunReason.USER_STOP) -> Ru
         ).update(stop_requested_at=timezone.now())
         if marked:
             _event(run, actor=actor, reason="stop_requested", message="cancel sent to host")
-            transaction.on_commit(lambda: _enqueue("experiments.tasks.cancel_run", run.id))
+            transaction.on_commit(lambda: enqueue("experiments.tasks.cancel_run", run.id))
     run.refresh_from_db()
     return run
 
@@ -323,10 +323,10 @@ def run_rerun(*, run: Run, actor: Actor) -> Run:
 
 def scheduler_kick() -> None:
     """Ask for a scheduler pass once the current transaction commits (cheap when one runs)."""
-    transaction.on_commit(lambda: _enqueue("experiments.tasks.schedule"))
+    transaction.on_commit(lambda: enqueue("experiments.tasks.schedule"))
 
 
-def _enqueue(task_name: str, *args: Any) -> None:
+def enqueue(task_name: str, *args: Any) -> None:
     """Send a task by name after commit; a broker outage is logged, the timers catch up."""
     from labsite.celery import app
 

@@ -33,7 +33,7 @@ class BadReference(APIException):
     status_code = status.HTTP_400_BAD_REQUEST
 
 
-def _lookup(model: type[Any], pk: Any, label: str, field: str) -> Any:
+def _lookup(model: type[Any], pk: Any, label: str) -> Any:
     """An object referenced in a request body; unknown ids are a 400 naming the id."""
     if pk in (None, ""):
         return None
@@ -89,8 +89,8 @@ class RunViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gene
             actor=Actor.from_request(request),
             name=v.get("name", ""),
             command=v["command"],
-            sweep=_lookup(Sweep, v.get("sweep_id"), "Sweep", "sweep_id"),
-            plan=_lookup(Plan, v.get("plan_id"), "Plan", "plan_id"),
+            sweep=_lookup(Sweep, v.get("sweep_id"), "Sweep"),
+            plan=_lookup(Plan, v.get("plan_id"), "Plan"),
             params=v.get("params") or {},
             chat_session_id=v.get("chat_session_id") or "",
             auto_start=v["auto_start"],
@@ -191,7 +191,7 @@ class SweepViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Ge
             goal=v.get("goal", ""),
             auto_start=v["auto_start"],
             chat_session_id=v.get("chat_session_id") or "",
-            plan=_lookup(Plan, v.get("plan_id"), "Plan", "plan_id"),
+            plan=_lookup(Plan, v.get("plan_id"), "Plan"),
             run_options=_run_options(v),
         )
         return Response(self._out(sweep), status=status.HTTP_201_CREATED)
@@ -208,7 +208,7 @@ class SweepViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Ge
             name=v["name"],
             goal=v.get("goal", ""),
             chat_session_id=v.get("chat_session_id") or "",
-            plan=_lookup(Plan, v.get("plan_id"), "Plan", "plan_id"),
+            plan=_lookup(Plan, v.get("plan_id"), "Plan"),
         )
         return Response(self._out(sweep), status=status.HTTP_201_CREATED)
 
@@ -471,7 +471,7 @@ class PromptSkillViewSet(viewsets.ViewSet):
         data = s.PromptSkillUpdateSerializer(data=request.data)
         data.is_valid(raise_exception=True)
         v = data.validated_data
-        row, _ = PromptSkill.objects.update_or_create(
+        PromptSkill.objects.update_or_create(
             id=pk,
             defaults={
                 "name": v.get("name", current.name),

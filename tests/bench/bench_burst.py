@@ -85,7 +85,7 @@ def main() -> None:
                 for i in range(N_RUNS)
             ]
             submitted = time.time() - t0
-            services._enqueue("experiments.tasks.schedule")
+            services.enqueue("experiments.tasks.schedule")
             wait_for(
                 lambda: (
                     Run.objects.filter(pk__in=ids, status__in=["finished", "failed"]).count()
