@@ -163,7 +163,8 @@ class Run(models.Model):
         ordering = ["-created_at", "-id"]
         indexes = [
             models.Index(fields=["-created_at", "-id"], name="run_newest"),
-            models.Index(fields=["status", "priority", "queued_at"], name="run_status_queue"),
+            # The scheduler reads the queue's head in this order (priority desc, then age).
+            models.Index(fields=["status", "-priority", "queued_at", "id"], name="run_queue_order"),
             models.Index(fields=["chat_session_id", "-created_at"], name="run_session"),
         ]
 

@@ -1,4 +1,4 @@
-"""Runs on hosts: place queued runs, dispatch, poll, cancel, reconcile.
+"""Runs on hosts: dispatch, poll, cancel, reconcile (placement is experiments.scheduler).
 
 The database is the truth for intent, the host for processes. Every status change goes
 through services.run_transition; no lock or transaction is held while a host is talked to.
@@ -10,15 +10,12 @@ import json
 import logging
 import math
 from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 from django.conf import settings
-from django.db import IntegrityError, transaction
-from django.db.models import F, Q
-from django.db.models.functions import Coalesce
+from django.db import transaction
+from django.db.models import F
 from django.utils import timezone
 
 from clusters.choices import HostKind, HostState
@@ -30,18 +27,16 @@ from clusters.executors import (
     TransportError,
     executor_for,
 )
-from clusters.models import Gpu, Host
+from clusters.models import Host
 from clusters.services import (
-    LOCAL_HOST_NAME,
-    gpu_policy_for,
     inventory_from_report,
     inventory_refresh_local,
 )
 from clusters.ssh import HostKeyMismatch
 from experiments import services
 from experiments.actors import Actor
-from experiments.choices import ACTIVE, PLAN_CLEARED, RunReason, RunStatus
-from experiments.models import Alert, GpuLease, Metric, Plan, Run
+from experiments.choices import ACTIVE, RunReason, RunStatus
+from experiments.models import Alert, GpuLease, Metric, Run
 
 log = logging.getLogger(__name__)
 SYSTEM = Actor.system()
@@ -55,259 +50,6 @@ MAX_BUSY_REQUEUES = 2
 
 def log_path(run_id: str) -> Path:
     return Path(settings.DATA_DIR) / "logs" / f"{run_id}.log"
-
-
-# --- placement ---------------------------------------------------------------------------
-
-
-class _Lost(Exception):
-    pass
-
-
-@dataclass
-class _Capacity:
-    """The pass's view of free GPUs, kept in memory and updated as runs are placed."""
-
-    hosts: dict[int, Host]
-    free: dict[int, list[Gpu]]  # host id -> free GPUs by index
-    user_gpus: dict[int, int]  # user id -> GPUs leased to the user's active runs
-
-    @classmethod
-    def load(cls) -> _Capacity:
-        hosts = {
-            h.id: h
-            for h in Host.objects.filter(
-                enabled=True, kind__in=[HostKind.LOCAL, HostKind.SSH]
-            ).exclude(state__in=[HostState.KEY_MISMATCH])
-        }
-        leased = set(
-            GpuLease.objects.filter(released_at__isnull=True).values_list("gpu_id", flat=True)
-        )
-        free: dict[int, list[Gpu]] = defaultdict(list)
-        policies = {hid: gpu_policy_for(h) for hid, h in hosts.items()}
-        for gpu in Gpu.objects.filter(host_id__in=hosts, present=True).order_by("host_id", "index"):
-            policy = policies[gpu.host_id]
-            foreign = any(not p.get("run_id") for p in gpu.processes)
-            if (
-                gpu.id not in leased
-                and not foreign
-                and gpu.memory_used_mb <= policy.max_memory_used_mb
-                and gpu.utilization_pct <= policy.max_utilization_pct
-            ):
-                free[gpu.host_id].append(gpu)
-        user_gpus: dict[int, int] = defaultdict(int)
-        for user_id, n in Run.objects.filter(status__in=list(ACTIVE)).values_list(
-            "created_by_id", "gpus"
-        ):
-            user_gpus[user_id] += n
-        return cls(hosts=hosts, free=free, user_gpus=user_gpus)
-
-    def describe(self, run: Run, need_mb: int) -> str:
-        mem = f" with {run.min_free_mem_mb} MB free" if run.min_free_mem_mb else ""
-        hosts = [self.hosts[run.host_id]] if run.host_id in self.hosts else self.gpu_hosts()
-        counts = ", ".join(
-            f"{sum(g.memory_free_mb >= need_mb for g in self.free.get(h.id, []))} free on {h.name}"
-            for h in hosts
-        )
-        return f"needs {run.gpus} GPU(s){mem}; {counts or 'no GPU host is enabled'}"
-
-    def gpu_hosts(self) -> list[Host]:
-        return sorted(
-            (h for h in self.hosts.values() if h.gpu_source != "none"), key=lambda h: h.name
-        )
-
-
-def _default_host(capacity: _Capacity) -> Host | None:
-    local = next((h for h in capacity.hosts.values() if h.name == LOCAL_HOST_NAME), None)
-    return local or next(iter(sorted(capacity.hosts.values(), key=lambda h: h.name)), None)
-
-
-def _pick(run: Run, capacity: _Capacity, need_mb: int) -> tuple[Host, list[Gpu]] | None:
-    """GPUs of one host for the run: the host that fits it most tightly (keeps big holes)."""
-    if run.host_id:
-        candidates = [capacity.hosts[run.host_id]] if run.host_id in capacity.hosts else []
-    else:
-        candidates = list(capacity.hosts.values())
-    best: tuple[int, str, Host, list[Gpu]] | None = None
-    for host in candidates:
-        fitting = [g for g in capacity.free.get(host.id, []) if g.memory_free_mb >= need_mb]
-        if len(fitting) >= run.gpus and (best is None or (len(fitting), host.name) < best[:2]):
-            best = (len(fitting), host.name, host, fitting[: run.gpus])
-    return (best[2], best[3]) if best else None
-
-
-def _place(run: Run, host: Host, gpus: list[Gpu]) -> bool:
-    """Lease the GPUs and move queued -> launching in ONE transaction."""
-    try:
-        with transaction.atomic():
-            GpuLease.objects.bulk_create(GpuLease(gpu=gpu, run_id=run.id) for gpu in gpus)
-            detail = f" GPUs {[g.index for g in gpus]}" if gpus else ""
-            if not services.run_transition(
-                run_id=run.id,
-                to=RunStatus.LAUNCHING,
-                from_=[RunStatus.QUEUED],
-                actor=SYSTEM,
-                message=f"placed on {host.name}{detail}",
-                fields={"host_id": host.id, "waiting_reason": "", "dispatch_attempts": 0},
-            ):
-                raise _Lost()
-            run_id = run.id
-            transaction.on_commit(
-                lambda: services.enqueue("experiments.tasks.dispatch_run", run_id)
-            )
-    except (IntegrityError, _Lost):
-        return False  # another pass leased a GPU or moved the run first
-    return True
-
-
-def _gave_up(run: Run, now: Any) -> bool:
-    """gpuwrap retries x retry_delay_seconds of waiting for GPUs, then the run fails (no_gpu)."""
-    wrap = run.gpuwrap_config or {}
-    retries = wrap.get("retries", -1)
-    if retries is None or retries < 0 or run.queued_at is None:
-        return False
-    budget = retries * float(wrap.get("retry_delay_seconds", 30))
-    return (now - run.queued_at).total_seconds() > budget
-
-
-def plan_gpu_hours(plan_ids: list[str]) -> dict[str, float]:
-    """GPU-hours used so far by the runs of each plan (directly or through a sweep)."""
-    now = timezone.now()
-    used: dict[str, float] = defaultdict(float)
-    rows = (
-        Run.objects.filter(
-            Q(plan_id__in=plan_ids) | Q(plan__isnull=True, sweep__plan_id__in=plan_ids)
-        )
-        .exclude(started_at=None)
-        .values_list("plan_id", "sweep__plan_id", "gpus", "started_at", "ended_at")
-    )
-    for plan_id, sweep_plan_id, gpus, started, ended in rows:
-        if started is None:
-            continue
-        hours = ((ended or now) - started).total_seconds() / 3600
-        used[plan_id or sweep_plan_id] += hours * max(gpus, 1)
-    return used
-
-
-def _over_budget(budgets: dict[str, float]) -> dict[str, str]:
-    """Plans past their GPU-hour budget: no new launches, and the PI is told once."""
-    if not budgets:
-        return {}
-    used = plan_gpu_hours(list(budgets))
-    over = {}
-    for plan_id, budget in budgets.items():
-        if used[plan_id] >= budget:
-            over[plan_id] = (
-                f"plan {plan_id} has used {used[plan_id]:.1f} of its {budget:g} GPU-hour budget; "
-                "a PI can raise it"
-            )
-            message = (
-                f"Plan {plan_id} reached its GPU-hour budget ({budget:g} h): new launches wait."
-            )
-            if not Alert.objects.filter(message=message).exists():
-                services.alert_raise(message=message, severity="warning", choices=["acknowledge"])
-    return over
-
-
-def schedule_pass() -> dict[str, int]:
-    """Place queued runs by priority then age on GPUs that are free by policy.
-
-    Queries do not grow with the queue: capacity is read once and tracked in memory; a run that
-    cannot be placed keeps a visible reason. A big run blocked longer than the lab's backfill
-    bound holds the capacity: smaller runs behind it wait instead of passing it for ever.
-    """
-    lab = settings.LABSITE
-    capacity = _Capacity.load()
-    now = timezone.now()
-    reasons: dict[str, list[str]] = defaultdict(list)
-    placed = expired = 0
-    holding: Any = None
-    budgets = Plan.objects.filter(
-        gpu_hours_budget__isnull=False, status__in=list(PLAN_CLEARED)
-    ).values_list("id", "gpu_hours_budget")
-    over_budget = _over_budget({plan_id: float(budget or 0) for plan_id, budget in budgets})
-    queued = (
-        Run.objects.filter(status=RunStatus.QUEUED)
-        .annotate(effective_plan=Coalesce("plan_id", "sweep__plan_id"))
-        .values(
-            "id",
-            "gpus",
-            "min_free_mem_mb",
-            "host_id",
-            "created_by_id",
-            "queued_at",
-            "gpuwrap_config",
-            "waiting_reason",
-            "effective_plan",
-        )
-        .order_by("-priority", "queued_at", "id")
-    )
-    unplaceable: dict[tuple[int, int, int | None], str] = {}
-    # Plain rows, not model instances: a pass may walk a queue of tens of thousands.
-    for row in queued.iterator(chunk_size=2000):
-        run: Any = SimpleNamespace(**row)
-        if over_budget and run.effective_plan in over_budget:
-            reasons[over_budget[run.effective_plan]].append(run.id)
-            continue
-        if run.gpus == 0:
-            host = capacity.hosts.get(run.host_id) if run.host_id else _default_host(capacity)
-            if host is None:
-                reasons[
-                    "its host is disabled or unreachable" if run.host_id else "no enabled host"
-                ].append(run.id)
-            elif _place(run, host, []):
-                placed += 1
-            continue
-        if _gave_up(run, now):
-            wrap = run.gpuwrap_config
-            services.run_transition(
-                run_id=run.id,
-                to=RunStatus.FAILED,
-                from_=[RunStatus.QUEUED],
-                actor=SYSTEM,
-                reason=RunReason.NO_GPU,
-                message=f"no GPU after {wrap.get('retries')} retries x "
-                f"{wrap.get('retry_delay_seconds', 30)} s",
-                fields={"error": "no free GPU in time: " + (run.waiting_reason or "")},
-            )
-            expired += 1
-            continue
-        cap = lab["MAX_GPUS_PER_USER"]
-        if cap and capacity.user_gpus[run.created_by_id] + run.gpus > cap:
-            in_use = capacity.user_gpus[run.created_by_id]
-            reasons[f"its owner has {in_use} of {cap} GPUs in use (the lab's cap)"].append(run.id)
-            continue
-        need_mb = math.ceil(1.2 * run.min_free_mem_mb) if run.min_free_mem_mb else 0
-        if holding is not None:
-            reasons[f"waiting behind run {holding.id}, which is holding GPUs until it fits"].append(
-                run.id
-            )
-            continue
-        # Runs that ask the same thing get the same answer until capacity changes: memoize.
-        shape = (run.gpus, need_mb, run.host_id)
-        choice = None
-        if shape not in unplaceable:
-            choice = _pick(run, capacity, need_mb)
-            if choice is None:
-                unplaceable[shape] = capacity.describe(run, need_mb)
-        if choice is None:
-            reasons[unplaceable[shape]].append(run.id)
-            waited = (now - run.queued_at).total_seconds() if run.queued_at else 0
-            if waited > lab["BACKFILL_SECONDS"]:
-                holding = run
-            continue
-        host, gpus = choice
-        if _place(run, host, gpus):
-            placed += 1
-            unplaceable.clear()
-            taken = {g.id for g in gpus}
-            capacity.free[host.id] = [g for g in capacity.free[host.id] if g.id not in taken]
-            capacity.user_gpus[run.created_by_id] += run.gpus
-    for reason, ids in reasons.items():
-        Run.objects.filter(pk__in=ids, status=RunStatus.QUEUED).exclude(
-            waiting_reason=reason[:500]
-        ).update(waiting_reason=reason[:500])
-    return {"placed": placed, "expired": expired, "waiting": sum(map(len, reasons.values()))}
 
 
 # --- dispatch ----------------------------------------------------------------------------
@@ -417,10 +159,14 @@ def host_poll(host_id: int) -> dict[str, Any]:
     elif host.kind == HostKind.LOCAL:
         inventory_refresh_local()
     _confirm_gpu_placement(host)
+    freed = False
     for run in runs:
         report = reports.get(run.id)
         if report is not None:
-            _apply(run, report)
+            freed |= _apply(run, report)
+    if freed:
+        # One pass for everything this poll saw end, not one per run: the pass places them all.
+        services.scheduler_kick()
     return {"runs": len(runs)}
 
 
@@ -445,7 +191,8 @@ def _confirm_gpu_placement(host: Host) -> None:
                     services.alert_raise(message=message, run=run, choices=["acknowledge", "stop"])
 
 
-def _apply(run: Run, report: RunReport) -> None:
+def _apply(run: Run, report: RunReport) -> bool:
+    """Bring the run in line with the host's report; True when it left the host (GPUs freed)."""
     complete = _copy_output(run, report)
     if run.reason == RunReason.HOST_UNREACHABLE:
         Run.objects.filter(pk=run.pk, reason=RunReason.HOST_UNREACHABLE).update(reason="")
@@ -460,36 +207,38 @@ def _apply(run: Run, report: RunReport) -> None:
                 fields={"pid": report.pid},
                 expect={"attempt": run.attempt},
             )
-        return
+        return False
     if report.state in ("starting", "missing"):
         if run.status == RunStatus.LAUNCHING:
             # The dispatch was lost (worker killed, broker restarted): send it again.
             services.enqueue("experiments.tasks.dispatch_run", run.id)
         elif report.state == "missing":
-            _end(run, RunStatus.FAILED, RunReason.LOST, "the run directory is gone from the host")
-        return
+            return _end(
+                run, RunStatus.FAILED, RunReason.LOST, "the run directory is gone from the host"
+            )
+        return False
     if not complete:
-        return  # finish copying the log first, so an ended run keeps its whole output
+        return False  # finish copying the log first, so an ended run keeps its whole output
     if report.state == "exited":
         code = report.exit_code
         if run.stop_requested_at is not None:
-            _end(run, RunStatus.STOPPED, RunReason.USER_STOP, f"stopped (exit code {code})", code)
-        elif code == 0:
-            _end(run, RunStatus.FINISHED, "", "exit code 0", code)
-            services.scheduler_kick()
-        else:
-            _end_failed(run, code)
-    elif report.state == "vanished":
-        if run.stop_requested_at is not None:
-            _end(run, RunStatus.STOPPED, RunReason.USER_STOP, "stopped", None)
-        else:
-            _end(
-                run,
-                RunStatus.FAILED,
-                RunReason.LOST,
-                "the process vanished without an exit code (host reboot, OOM killer?)",
-                None,
+            return _end(
+                run, RunStatus.STOPPED, RunReason.USER_STOP, f"stopped (exit code {code})", code
             )
+        if code == 0:
+            return _end(run, RunStatus.FINISHED, "", "exit code 0", code)
+        return _end_failed(run, code)
+    if report.state == "vanished":
+        if run.stop_requested_at is not None:
+            return _end(run, RunStatus.STOPPED, RunReason.USER_STOP, "stopped", None)
+        return _end(
+            run,
+            RunStatus.FAILED,
+            RunReason.LOST,
+            "the process vanished without an exit code (host reboot, OOM killer?)",
+            None,
+        )
+    return False
 
 
 def _tail(run_id: str, size: int) -> bytes:
@@ -504,20 +253,20 @@ def _tail(run_id: str, size: int) -> bytes:
         return b""
 
 
-def _end_failed(run: Run, code: int | None) -> None:
+def _end_failed(run: Run, code: int | None) -> bool:
     """A real CUDA out-of-memory is the run's failure (cuda_oom); "all CUDA-capable devices are
     busy" means its GPU was taken meanwhile: back to the queue, at most MAX_BUSY_REQUEUES times."""
     tail = _tail(run.id, run.log_size - run.log_base)
     if any(marker in tail for marker in OOM_MARKERS):
-        _end(
+        return _end(
             run,
             RunStatus.FAILED,
             RunReason.CUDA_OOM,
             f"CUDA out of memory (exit code {code})",
             code,
         )
-    elif any(marker in tail for marker in BUSY_MARKERS) and run.attempt <= MAX_BUSY_REQUEUES:
-        services.run_transition(
+    if any(marker in tail for marker in BUSY_MARKERS) and run.attempt <= MAX_BUSY_REQUEUES:
+        return services.run_transition(
             run_id=run.id,
             to=RunStatus.QUEUED,
             from_=[RunStatus.RUNNING],
@@ -535,13 +284,11 @@ def _end_failed(run: Run, code: int | None) -> None:
             },
             expect={"attempt": run.attempt},
         )
-    else:
-        _end(run, RunStatus.FAILED, RunReason.EXIT_CODE, f"exit code {code}", code)
-    services.scheduler_kick()
+    return _end(run, RunStatus.FAILED, RunReason.EXIT_CODE, f"exit code {code}", code)
 
 
-def _end(run: Run, to: str, reason: str, message: str, code: int | None = None) -> None:
-    services.run_transition(
+def _end(run: Run, to: str, reason: str, message: str, code: int | None = None) -> bool:
+    return services.run_transition(
         run_id=run.id,
         to=to,
         from_=list(ACTIVE),

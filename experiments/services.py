@@ -79,12 +79,18 @@ def run_transition(
         values["reason"] = reason
     values.update(fields or {})
     # No savepoint: inside a caller's transaction (placement), a failure aborts it all anyway.
+    current: str | None
     with transaction.atomic(savepoint=False):
-        current = (
-            Run.objects.filter(pk=run_id, **(expect or {})).values_list("status", flat=True).first()
-        )
-        if current is None or current not in allowed:
-            return False
+        if len(allowed) == 1:
+            (current,) = allowed  # the UPDATE below is the whole check: one round trip less
+        else:
+            current = (
+                Run.objects.filter(pk=run_id, **(expect or {}))
+                .values_list("status", flat=True)
+                .first()
+            )
+            if current is None or current not in allowed:
+                return False
         if Run.objects.filter(pk=run_id, status=current, **(expect or {})).update(**values) != 1:
             return False
         RunEvent.objects.create(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from typing import Any
@@ -11,20 +12,32 @@ from celery import shared_task
 from celery.signals import worker_ready
 from django.conf import settings
 
-from experiments import runner
+from experiments import runner, scheduler
 
 log = logging.getLogger(__name__)
 
 
+@functools.cache
+def _redis() -> redis.Redis:
+    """One client (and connection pool) per worker process, not a new connection per task."""
+    return redis.Redis.from_url(settings.REDIS_URL)
+
+
 def _lock(name: str, timeout: int) -> Any:
-    return redis.Redis.from_url(settings.REDIS_URL).lock(f"labsite:{name}", timeout=timeout)
+    return _redis().lock(f"labsite:{name}", timeout=timeout)
 
 
 @shared_task(name="experiments.tasks.schedule", ignore_result=True)
-def schedule() -> None:
-    """One scheduler pass at a time; a kick during a pass makes the holder pass again."""
-    client = redis.Redis.from_url(settings.REDIS_URL)
-    again = "labsite:scheduler:again"
+def schedule(full: bool = False) -> None:
+    """One scheduler pass at a time; a kick during a pass makes the holder pass again.
+
+    Kicks (a run created or ended) ask for a quick pass; the timer asks for a full one. Many
+    kicks while a pass runs become one more pass, so a burst of ends costs a few passes.
+    """
+    client = _redis()
+    again, again_full = "labsite:scheduler:again", "labsite:scheduler:again-full"
+    if full:
+        client.set(again_full, 1)  # before `again`: the holder reads them in that order
     client.set(again, 1)
     while True:
         lock = client.lock("labsite:scheduler", timeout=120)
@@ -32,13 +45,16 @@ def schedule() -> None:
             return  # the holder sees `again` and runs another pass
         try:
             while client.getdel(again):
+                full_pass = bool(client.getdel(again_full))
                 started = time.perf_counter()
-                result = runner.schedule_pass()
+                result = scheduler.schedule_pass(full=full_pass)
                 log.info(
-                    "schedule pass: placed %d in %.1f ms (%d waiting)",
+                    "schedule pass (%s): placed %d in %.1f ms (%d waiting, %d expired)",
+                    "full" if full_pass else "quick",
                     result["placed"],
                     (time.perf_counter() - started) * 1000,
                     result["waiting"],
+                    result["expired"],
                 )
         finally:
             lock.release()

@@ -21,11 +21,9 @@ PYEOF
 export DATABASE_URL="${base%/labsite}/labsite_bench"
 export LABSITE_DATA_DIR="$ROOT/.test-data/bench"
 mkdir -p "$LABSITE_DATA_DIR"
-fresh_db
-"$PY" tests/bench/bench_api.py
-fresh_db
-"$PY" tests/bench/bench_runs.py
-fresh_db
-"$PY" tests/bench/bench_sched.py
-fresh_db
-"$PY" tests/bench/bench_burst.py
+# BENCH="sched burst" make bench runs only those.
+for name in ${BENCH:-api runs sched burst}; do
+  [ -f "tests/bench/bench_$name.py" ] || die "no benchmark named $name"
+  fresh_db
+  "$PY" "tests/bench/bench_$name.py"
+done

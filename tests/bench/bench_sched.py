@@ -25,7 +25,7 @@ from django.test.utils import CaptureQueriesContext  # noqa: E402
 from django.utils import timezone  # noqa: E402
 
 from clusters.models import Gpu, Host  # noqa: E402
-from experiments import runner  # noqa: E402
+from experiments import scheduler  # noqa: E402
 from experiments.models import GpuLease, Run  # noqa: E402
 from tests.harness.worker import redis_test_client  # noqa: E402
 
@@ -75,7 +75,7 @@ def seed() -> None:
 def timed_pass() -> tuple[float, int, dict[str, int]]:
     with CaptureQueriesContext(connection) as ctx:
         t0 = time.perf_counter()
-        result = runner.schedule_pass()
+        result = scheduler.schedule_pass()
         elapsed = time.perf_counter() - t0
     return elapsed * 1000, len(ctx.captured_queries), result
 

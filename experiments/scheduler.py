@@ -1,0 +1,394 @@
+"""The queue: place queued runs by priority then age on GPUs that are free by policy.
+
+A pass reads capacity once and tracks it in memory while it walks the queue. Two kinds:
+
+- a full pass (the timer) walks every queued run: it places what fits, fails runs whose gpuwrap
+  retries ran out (`no_gpu`) and refreshes every waiting reason;
+- a quick pass (a kick: a run was created, or ended) places what fits and stops walking as soon
+  as nothing more can be placed. A burst of short runs kicks once per ended run, so this pass is
+  what must be cheap: it costs the head of the queue, not the whole of it.
+
+Both share one policy (_Pass.consider), so a quick pass never places what a full pass would not.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from types import SimpleNamespace
+from typing import Any
+
+from django.conf import settings
+from django.db import IntegrityError, transaction
+from django.db.models import Q
+from django.db.models.functions import Coalesce
+from django.utils import timezone
+
+from clusters.choices import HostKind, HostState
+from clusters.models import Gpu, Host
+from clusters.services import LOCAL_HOST_NAME, gpu_policy_for
+from experiments import services
+from experiments.actors import Actor
+from experiments.choices import ACTIVE, PLAN_CLEARED, RunReason, RunStatus
+from experiments.models import Alert, GpuLease, Plan, Run
+
+SYSTEM = Actor.system()
+QUEUE_FIELDS = (
+    "id",
+    "priority",
+    "gpus",
+    "min_free_mem_mb",
+    "host_id",
+    "created_by_id",
+    "queued_at",
+    "gpuwrap_config",
+    "waiting_reason",
+    "effective_plan",
+)
+QUICK_CHUNK = 64  # rows a quick pass reads at a time from the head of the queue
+
+
+class _Lost(Exception):
+    pass
+
+
+@dataclass
+class _Capacity:
+    """The pass's view of free GPUs, kept in memory and updated as runs are placed."""
+
+    hosts: dict[int, Host]
+    free: dict[int, list[Gpu]]  # host id -> free GPUs by index
+    user_gpus: dict[int, int]  # user id -> GPUs leased to the user's active runs
+
+    @classmethod
+    def load(cls, *, per_user: bool) -> _Capacity:
+        hosts = {
+            h.id: h
+            for h in Host.objects.filter(
+                enabled=True, kind__in=[HostKind.LOCAL, HostKind.SSH]
+            ).exclude(state__in=[HostState.KEY_MISMATCH])
+        }
+        leased = set(
+            GpuLease.objects.filter(released_at__isnull=True).values_list("gpu_id", flat=True)
+        )
+        free: dict[int, list[Gpu]] = defaultdict(list)
+        policies = {hid: gpu_policy_for(h) for hid, h in hosts.items()}
+        for gpu in Gpu.objects.filter(host_id__in=hosts, present=True).order_by("host_id", "index"):
+            policy = policies[gpu.host_id]
+            foreign = any(not p.get("run_id") for p in gpu.processes)
+            if (
+                gpu.id not in leased
+                and not foreign
+                and gpu.memory_used_mb <= policy.max_memory_used_mb
+                and gpu.utilization_pct <= policy.max_utilization_pct
+            ):
+                free[gpu.host_id].append(gpu)
+        user_gpus: dict[int, int] = defaultdict(int)
+        if per_user:  # only the lab's per-user cap reads it
+            for user_id, n in Run.objects.filter(status__in=list(ACTIVE)).values_list(
+                "created_by_id", "gpus"
+            ):
+                user_gpus[user_id] += n
+        return cls(hosts=hosts, free=free, user_gpus=user_gpus)
+
+    def free_total(self) -> int:
+        return sum(len(gpus) for gpus in self.free.values())
+
+    def take(self, host: Host, gpus: list[Gpu], user_id: int | None) -> None:
+        taken = {g.id for g in gpus}
+        self.free[host.id] = [g for g in self.free[host.id] if g.id not in taken]
+        if user_id is not None:
+            self.user_gpus[user_id] += len(gpus)
+
+    def describe(self, run: Any, need_mb: int) -> str:
+        mem = f" with {run.min_free_mem_mb} MB free" if run.min_free_mem_mb else ""
+        hosts = [self.hosts[run.host_id]] if run.host_id in self.hosts else self.gpu_hosts()
+        counts = ", ".join(
+            f"{sum(g.memory_free_mb >= need_mb for g in self.free.get(h.id, []))} free on {h.name}"
+            for h in hosts
+        )
+        return f"needs {run.gpus} GPU(s){mem}; {counts or 'no GPU host is enabled'}"
+
+    def gpu_hosts(self) -> list[Host]:
+        return sorted(
+            (h for h in self.hosts.values() if h.gpu_source != "none"), key=lambda h: h.name
+        )
+
+    def default_host(self) -> Host | None:
+        local = next((h for h in self.hosts.values() if h.name == LOCAL_HOST_NAME), None)
+        return local or next(iter(sorted(self.hosts.values(), key=lambda h: h.name)), None)
+
+    def pick(self, run: Any, need_mb: int) -> tuple[Host, list[Gpu]] | None:
+        """GPUs of one host for the run: the host that fits it most tightly (keeps big holes)."""
+        if run.host_id:
+            candidates = [self.hosts[run.host_id]] if run.host_id in self.hosts else []
+        else:
+            candidates = list(self.hosts.values())
+        best: tuple[int, str, Host, list[Gpu]] | None = None
+        for host in candidates:
+            fitting = [g for g in self.free.get(host.id, []) if g.memory_free_mb >= need_mb]
+            if len(fitting) >= run.gpus and (best is None or (len(fitting), host.name) < best[:2]):
+                best = (len(fitting), host.name, host, fitting[: run.gpus])
+        return (best[2], best[3]) if best else None
+
+
+def _place(run: Any, host: Host, gpus: list[Gpu]) -> bool | None:
+    """Lease the GPUs and move queued -> launching in ONE transaction.
+
+    True when placed; False when the run was no longer queued (stopped meanwhile); None when
+    one of the GPUs was leased by someone else first (the constraint said no).
+    """
+    try:
+        with transaction.atomic():
+            if gpus:
+                GpuLease.objects.bulk_create(GpuLease(gpu=gpu, run_id=run.id) for gpu in gpus)
+            detail = f" GPUs {[g.index for g in gpus]}" if gpus else ""
+            if not services.run_transition(
+                run_id=run.id,
+                to=RunStatus.LAUNCHING,
+                from_=[RunStatus.QUEUED],
+                actor=SYSTEM,
+                message=f"placed on {host.name}{detail}",
+                fields={"host_id": host.id, "waiting_reason": "", "dispatch_attempts": 0},
+            ):
+                raise _Lost()
+            run_id = run.id
+            transaction.on_commit(
+                lambda: services.enqueue("experiments.tasks.dispatch_run", run_id)
+            )
+    except IntegrityError:
+        return None
+    except _Lost:
+        return False
+    return True
+
+
+def _gave_up(run: Any, now: datetime) -> bool:
+    """gpuwrap retries x retry_delay_seconds of waiting for GPUs, then the run fails (no_gpu)."""
+    wrap = run.gpuwrap_config or {}
+    retries = wrap.get("retries", -1)
+    if retries is None or retries < 0 or run.queued_at is None:
+        return False
+    budget = retries * float(wrap.get("retry_delay_seconds", 30))
+    return (now - run.queued_at).total_seconds() > budget
+
+
+def plan_gpu_hours(plan_ids: list[str]) -> dict[str, float]:
+    """GPU-hours used so far by the runs of each plan (directly or through a sweep)."""
+    now = timezone.now()
+    used: dict[str, float] = defaultdict(float)
+    rows = (
+        Run.objects.filter(
+            Q(plan_id__in=plan_ids) | Q(plan__isnull=True, sweep__plan_id__in=plan_ids)
+        )
+        .exclude(started_at=None)
+        .values_list("plan_id", "sweep__plan_id", "gpus", "started_at", "ended_at")
+    )
+    for plan_id, sweep_plan_id, gpus, started, ended in rows:
+        if started is None:
+            continue
+        hours = ((ended or now) - started).total_seconds() / 3600
+        used[plan_id or sweep_plan_id] += hours * max(gpus, 1)
+    return used
+
+
+def _over_budget() -> dict[str, str]:
+    """Plans past their GPU-hour budget: no new launches, and the PI is told once."""
+    budgets = {
+        plan_id: float(budget or 0)
+        for plan_id, budget in Plan.objects.filter(
+            gpu_hours_budget__isnull=False, status__in=list(PLAN_CLEARED)
+        ).values_list("id", "gpu_hours_budget")
+    }
+    if not budgets:
+        return {}
+    used = plan_gpu_hours(list(budgets))
+    over = {}
+    for plan_id, budget in budgets.items():
+        if used[plan_id] >= budget:
+            over[plan_id] = (
+                f"plan {plan_id} has used {used[plan_id]:.1f} of its {budget:g} GPU-hour budget; "
+                "a PI can raise it"
+            )
+            message = (
+                f"Plan {plan_id} reached its GPU-hour budget ({budget:g} h): new launches wait."
+            )
+            if not Alert.objects.filter(message=message).exists():
+                services.alert_raise(message=message, severity="warning", choices=["acknowledge"])
+    return over
+
+
+def _queue(*, gpu: bool) -> Any:
+    return (
+        Run.objects.filter(status=RunStatus.QUEUED)
+        .filter(Q(gpus__gt=0) if gpu else Q(gpus=0))
+        .annotate(effective_plan=Coalesce("plan_id", "sweep__plan_id"))
+        .values(*QUEUE_FIELDS)
+        .order_by("-priority", "queued_at", "id")
+    )
+
+
+def _head_first(queue: Any) -> Iterator[dict[str, Any]]:
+    """The queue in order, QUICK_CHUNK rows at a time (keyset, so placed runs shift nothing).
+
+    A queued run always has queued_at (run_transition stamps it); should one lack it, the walk
+    ends there and the next full pass, which reads the queue whole, covers the rest.
+    """
+    after = None
+    while True:
+        page = queue
+        if after is not None:
+            p, q, i = after["priority"], after["queued_at"], after["id"]
+            if q is None:
+                return
+            page = page.filter(
+                Q(priority__lt=p)
+                | Q(priority=p, queued_at__gt=q)
+                | Q(priority=p, queued_at=q, id__gt=i)
+            )
+        rows = list(page[:QUICK_CHUNK])
+        yield from rows
+        if len(rows) < QUICK_CHUNK:
+            return
+        after = rows[-1]
+
+
+@dataclass
+class _Pass:
+    """One walk of the queue: capacity, the time, and what it decided about each run."""
+
+    capacity: _Capacity
+    over_budget: dict[str, str]
+    now: datetime = field(default_factory=timezone.now)
+    cap: int = 0
+    backfill_seconds: float = 0.0
+    reasons: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
+    unplaceable: dict[tuple[int, int, int | None], str] = field(default_factory=dict)
+    holding: str | None = None  # a big run past the backfill bound: runs behind it wait
+    placed: int = 0
+    expired: int = 0
+    waiting: int = 0
+
+    @classmethod
+    def start(cls) -> _Pass:
+        lab = settings.LABSITE
+        cap = int(lab["MAX_GPUS_PER_USER"])
+        return cls(
+            capacity=_Capacity.load(per_user=bool(cap)),
+            over_budget=_over_budget(),
+            cap=cap,
+            backfill_seconds=lab["BACKFILL_SECONDS"],
+        )
+
+    def blocked(self) -> bool:
+        """Nothing more can be placed on a GPU in this pass."""
+        return self.holding is not None or self.capacity.free_total() == 0
+
+    def consider_cpu(self, run: Any) -> None:
+        if self.over_budget and run.effective_plan in self.over_budget:
+            self.wait(run, self.over_budget[run.effective_plan])
+            return
+        hosts = self.capacity.hosts
+        host = hosts.get(run.host_id) if run.host_id else self.capacity.default_host()
+        if host is None:
+            why = "its host is disabled or unreachable" if run.host_id else "no enabled host"
+            self.wait(run, why)
+        elif _place(run, host, []):
+            self.placed += 1
+
+    def consider_gpu(self, run: Any) -> None:
+        if self.over_budget and run.effective_plan in self.over_budget:
+            self.wait(run, self.over_budget[run.effective_plan])
+            return
+        if _gave_up(run, self.now):
+            self.expire(run)
+            return
+        in_use = self.capacity.user_gpus[run.created_by_id]
+        if self.cap and in_use + run.gpus > self.cap:
+            why = f"its owner has {in_use} of {self.cap} GPUs in use (the lab's cap)"
+            self.wait(run, why)
+            return
+        if self.holding is not None:
+            self.wait(
+                run, f"waiting behind run {self.holding}, which is holding GPUs until it fits"
+            )
+            return
+        need_mb = math.ceil(1.2 * run.min_free_mem_mb) if run.min_free_mem_mb else 0
+        # Runs that ask the same thing get the same answer until capacity changes: memoize.
+        shape = (run.gpus, need_mb, run.host_id)
+        choice = None
+        if shape not in self.unplaceable:
+            choice = self.capacity.pick(run, need_mb)
+            if choice is None:
+                self.unplaceable[shape] = self.capacity.describe(run, need_mb)
+        if choice is None:
+            self.wait(run, self.unplaceable[shape])
+            waited = (self.now - run.queued_at).total_seconds() if run.queued_at else 0
+            if waited > self.backfill_seconds:
+                self.holding = run.id
+            return
+        host, gpus = choice
+        placed = _place(run, host, gpus)
+        if placed:
+            self.placed += 1
+            self.unplaceable.clear()
+            self.capacity.take(host, gpus, run.created_by_id)
+        elif placed is None:
+            # Another pass got there first: those GPUs are not free, try the run elsewhere.
+            self.capacity.take(host, gpus, user_id=None)
+            self.consider_gpu(run)
+
+    def expire(self, run: Any) -> None:
+        wrap = run.gpuwrap_config
+        if services.run_transition(
+            run_id=run.id,
+            to=RunStatus.FAILED,
+            from_=[RunStatus.QUEUED],
+            actor=SYSTEM,
+            reason=RunReason.NO_GPU,
+            message=f"no GPU after {wrap.get('retries')} retries x "
+            f"{wrap.get('retry_delay_seconds', 30)} s",
+            fields={"error": "no free GPU in time: " + (run.waiting_reason or "")},
+        ):
+            self.expired += 1
+
+    def wait(self, run: Any, reason: str) -> None:
+        """The run stays queued; its reason is written only where it changed."""
+        self.waiting += 1
+        if run.waiting_reason != reason[:500]:
+            self.reasons[reason[:500]].append(run.id)
+
+    def write_reasons(self) -> None:
+        for reason, ids in self.reasons.items():
+            Run.objects.filter(pk__in=ids, status=RunStatus.QUEUED).update(waiting_reason=reason)
+
+    def result(self) -> dict[str, int]:
+        return {"placed": self.placed, "expired": self.expired, "waiting": self.waiting}
+
+
+def schedule_pass(*, full: bool = True) -> dict[str, int]:
+    """Place queued runs by priority then age on GPUs that are free by policy.
+
+    CPU runs (`gpus: 0`) take no GPU, so they are walked on their own and never wait behind GPU
+    runs. A run that cannot be placed keeps a visible reason. A big run blocked longer than the
+    lab's backfill bound holds the capacity: smaller runs behind it wait instead of passing it
+    for ever. A quick pass (`full=False`) stops at the first run once nothing more fits.
+    """
+    pass_ = _Pass.start()
+    for row in _head_first(_queue(gpu=False)):
+        pass_.consider_cpu(SimpleNamespace(**row))
+    gpu_queue = _queue(gpu=True)
+    if full:
+        # Plain rows, not model instances: a full pass may walk a queue of tens of thousands.
+        for row in gpu_queue.iterator(chunk_size=2000):
+            pass_.consider_gpu(SimpleNamespace(**row))
+    elif not pass_.blocked():
+        for row in _head_first(gpu_queue):
+            pass_.consider_gpu(SimpleNamespace(**row))
+            if pass_.blocked():
+                break
+    pass_.write_reasons()
+    return pass_.result()
