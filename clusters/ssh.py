@@ -18,7 +18,7 @@ from typing import Any
 
 import paramiko
 
-from clusters.executors import Result, TransportError
+from clusters.executors import Result, Stream, TransportError
 
 log = logging.getLogger(__name__)
 
@@ -207,6 +207,47 @@ class SshTransport:
         finally:
             conn.channels.release()
         return Result(code, stdout.decode(errors="replace"), stderr.decode(errors="replace"))
+
+    def stream(self, script: str, timeout: float) -> Stream:
+        """A long-running bash script on its own channel; stdin stays open until close()."""
+        conn = _connection(self.target)
+        if not conn.channels.acquire(timeout=timeout):
+            raise TransportError(f"{self.target.name}: no free SSH channel within {timeout:g} s")
+        try:
+            transport = conn.transport()
+            channel = transport.open_session(timeout=timeout)
+            channel.exec_command("bash -s")
+            channel.sendall(script.encode())
+        except (OSError, paramiko.SSHException, EOFError) as exc:
+            conn.channels.release()
+            conn.drop()
+            raise TransportError(f"{self.target.name}: {type(exc).__name__}: {exc}") from exc
+        except BaseException:
+            conn.channels.release()
+            raise
+        return _SshStream(self.target.name, conn, channel)
+
+
+class _SshStream(Stream):
+    def __init__(self, name: str, conn: _Connection, channel: paramiko.Channel) -> None:
+        super().__init__()
+        self.name, self.conn, self.channel = name, conn, channel
+        self.closed = False
+
+    def _recv(self, timeout: float) -> bytes | None:
+        self.channel.settimeout(timeout)
+        try:
+            return bytes(self.channel.recv(1 << 16))
+        except TimeoutError:
+            return None
+        except (OSError, paramiko.SSHException, EOFError) as exc:
+            raise TransportError(f"{self.name}: {type(exc).__name__}: {exc}") from exc
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.channel.close()  # the script reads EOF and ends its follower
+            self.conn.channels.release()
 
 
 def _drain(channel: paramiko.Channel, timeout: float) -> tuple[bytes, bytes]:

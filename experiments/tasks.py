@@ -69,12 +69,22 @@ def dispatch_run(run_id: str) -> None:
 
 @shared_task(name="experiments.tasks.poll_host", ignore_result=True)
 def poll_host(host_id: int) -> None:
-    lock = _lock(f"poll:{host_id}", 120)
-    if lock.acquire(blocking=False):  # polls of one host never overlap
+    """Polls of one host never overlap; one asked for during a poll runs right after it, so a
+    run that ended just after the host answered (the watcher's wake-up) is not left waiting."""
+    client = _redis()
+    again = f"labsite:poll:{host_id}:again"
+    client.set(again, 1, ex=300)
+    while True:
+        lock = _lock(f"poll:{host_id}", 120)
+        if not lock.acquire(blocking=False):
+            return  # the holder sees `again` and polls once more
         try:
-            runner.host_poll(host_id)
+            while client.getdel(again):
+                runner.host_poll(host_id)
         finally:
             lock.release()
+        if not client.exists(again):
+            return
 
 
 @shared_task(name="experiments.tasks.poll_all", ignore_result=True)

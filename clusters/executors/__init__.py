@@ -6,10 +6,13 @@ One protocol (protocol.py), several transports: the server itself (subprocess) a
 
 from __future__ import annotations
 
+import os
+import select
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
-from typing import Protocol
+from typing import IO, Protocol
 
 from clusters.executors import protocol
 from clusters.executors.protocol import GpuReport, LaunchSpec, ProtocolError, RunRef, RunReport
@@ -21,6 +24,7 @@ __all__ = [
     "ProtocolError",
     "RunRef",
     "RunReport",
+    "Stream",
     "TransportError",
     "executor_for",
 ]
@@ -37,8 +41,76 @@ class Result:
     stderr: str
 
 
+class Stream:
+    """Lines from a protocol script that keeps running (the watcher's), read with a timeout.
+
+    Closing it closes the script's stdin, which is how the script knows to end.
+    """
+
+    def __init__(self) -> None:
+        self._buffer = b""
+
+    def _recv(self, timeout: float) -> bytes | None:
+        """Some bytes; b"" at the end of the stream; None when nothing came within timeout."""
+        raise NotImplementedError
+
+    def readline(self, timeout: float) -> str | None:
+        """The next line, or None when none is complete within timeout; the end raises."""
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self._buffer:
+            left = deadline - time.monotonic()
+            chunk = self._recv(left) if left > 0 else None
+            if chunk is None:
+                return None
+            if not chunk:
+                raise TransportError("the host closed the stream")
+            self._buffer += chunk
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        return line.decode(errors="replace").strip()
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+class _LocalStream(Stream):
+    def __init__(self, script: str) -> None:
+        super().__init__()
+        try:
+            self.proc = subprocess.Popen(
+                ["bash", "-s"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        except OSError as exc:
+            raise TransportError(f"cannot run bash: {exc}") from exc
+        self.stdin: IO[bytes] = self.proc.stdin  # type: ignore[assignment]
+        self.stdout: IO[bytes] = self.proc.stdout  # type: ignore[assignment]
+        self.stdin.write(script.encode())
+        self.stdin.flush()
+
+    def _recv(self, timeout: float) -> bytes | None:
+        ready, _, _ = select.select([self.stdout], [], [], timeout)
+        return os.read(self.stdout.fileno(), 1 << 16) if ready else None
+
+    def close(self) -> None:
+        try:
+            self.stdin.close()  # EOF: the script stops its follower and exits
+        except OSError:
+            pass
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.stdout.close()
+
+
 class Transport(Protocol):
     def run(self, interpreter: str, script: str, timeout: float) -> Result: ...
+
+    def stream(self, script: str, timeout: float) -> Stream: ...
 
 
 class LocalTransport:
@@ -62,6 +134,9 @@ class LocalTransport:
             done.stdout.decode(errors="replace"),
             done.stderr.decode(errors="replace"),
         )
+
+    def stream(self, script: str, timeout: float) -> Stream:
+        return _LocalStream(script)
 
 
 class Executor:
@@ -92,6 +167,22 @@ class Executor:
         if result.code != 0:
             raise ProtocolError(f"poll exited {result.code}: {result.stderr.strip()[-300:]}")
         return protocol.parse_poll(result.stdout), protocol.parse_gpu(result.stdout)
+
+    def watch(self, run_root: str, heartbeat_seconds: int = 15) -> Stream:
+        """A stream of the run directory names whose command ended, as each ends (see
+        protocol.watch_script); lines equal to protocol.WATCH_ALIVE are heartbeats."""
+        stream = self.transport.stream(
+            protocol.watch_script(run_root, heartbeat_seconds), self.timeout
+        )
+        try:
+            first = stream.readline(self.timeout)
+        except TransportError:
+            stream.close()
+            raise
+        if first != protocol.WATCH_READY:
+            stream.close()
+            raise ProtocolError(f"unexpected watch answer: {first!r}")
+        return stream
 
     def cancel(
         self, *, run_id: str, run_root: str, grace_seconds: float, dir_name: str = ""

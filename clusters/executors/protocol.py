@@ -95,6 +95,16 @@ def dir_expr(run_root: str, run_id: str) -> str:
     return shlex.quote(f"{root}/{run_id}")
 
 
+def root_expr(run_root: str) -> str:
+    """A shell expression for the run root itself (where the events file lives)."""
+    root = run_root.rstrip("/") or "/"
+    if root == "~":
+        return '"$HOME"'
+    if root.startswith("~/"):
+        return '"$HOME"/' + shlex.quote(root[2:])
+    return shlex.quote(root)
+
+
 def _b64(text: str) -> str:
     return base64.b64encode(text.encode()).decode()
 
@@ -108,7 +118,10 @@ def wrapper_script(spec: LaunchSpec) -> str:
         f"d={d}",
         'echo $$ > "$d/pid.tmp" && mv -f "$d/pid.tmp" "$d/pid"',
         'date +%s.%N > "$d/started_at"',
-        'finish() { printf "%s\\n" "$1" > "$d/exit_code.tmp" && mv -f "$d/exit_code.tmp" "$d/exit_code"; exit 0; }',
+        # After exit_code, one line in the host's events file wakes the watcher (watch_script);
+        # a line under PIPE_BUF appended with O_APPEND never interleaves with another run's.
+        'finish() { printf "%s\\n" "$1" > "$d/exit_code.tmp" && mv -f "$d/exit_code.tmp" "$d/exit_code"; '
+        'printf "%s\\n" "${d##*/}" >> "${d%/*}/.events" 2>/dev/null; exit 0; }',
     ]
     if spec.workdir:
         w = shlex.quote(spec.workdir)
@@ -144,6 +157,48 @@ def wrapper_script(spec: LaunchSpec) -> str:
         'finish "$code"',
     ]
     return "\n".join(lines) + "\n"
+
+
+WATCH_READY = "LABSITE_WATCHING"
+WATCH_ALIVE = "LABSITE_ALIVE"
+
+
+def watch_script(run_root: str, heartbeat_seconds: int = 15) -> str:
+    """Streams the directory name of each run whose command ends on this host, as it ends.
+
+    `tail -F` follows the events file the wrappers append to (inotify where the kernel has it),
+    from the size it had before the ready line: nothing appended after that line is missed.
+    The script reads its stdin, which stays open while the watcher holds the channel: EOF (the
+    watcher went away) ends it and its tail, so no follower outlives the connection; a tail that
+    died ends the script too (within a second), so the watcher starts a new one. A heartbeat
+    line every `heartbeat_seconds` lets the watcher tell a quiet host from a dead connection.
+    The whole body is one compound command, so bash parses it before `read` touches stdin, and
+    it ends in `exit`: bash -s would otherwise wait on stdin for more script.
+    """
+    beat = max(1, int(heartbeat_seconds))
+    return f"""{{
+set -u
+f={root_expr(run_root)}/.events
+mkdir -p "${{f%/*}}" && : >> "$f" || exit 1
+n=$(wc -c < "$f")
+tail -c +$((n + 1)) -F "$f" 2>/dev/null &
+t=$!
+trap 'kill $t 2>/dev/null' EXIT
+trap '' PIPE
+echo {WATCH_READY}
+i=0
+while :; do
+  read -r -t 1 _; rc=$?
+  [ "$rc" -gt 128 ] || break
+  kill -0 "$t" 2>/dev/null || break
+  i=$((i + 1))
+  [ "$i" -lt {beat} ] && continue
+  i=0
+  echo {WATCH_ALIVE} || break
+done
+exit 0
+}}
+"""
 
 
 def launch_script(spec: LaunchSpec) -> str:

@@ -66,13 +66,37 @@ def stop_process_group(proc: subprocess.Popen[bytes], timeout: float = 15) -> No
 
 
 class Worker:
-    """`celery worker -B` as a process group we own: start, kill -9, start again, stop."""
+    """`celery worker -B` as a process group we own: start, kill -9, start again, stop.
 
-    def __init__(self, log_dir: Path, **env: str) -> None:
+    Beside it, as `manage.py serve` runs them, the host watcher (`manage.py watch_hosts`) in a
+    process group of its own; `watcher=False` leaves end detection to the poll ticks alone.
+    """
+
+    def __init__(self, log_dir: Path, *, watcher: bool = True, **env: str) -> None:
         self.log_dir = log_dir
         self.env = {**FAST_TIMERS, **env}
         self.proc: subprocess.Popen[bytes] | None = None
+        self.watcher = watcher
+        self.watcher_proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
+
+    @property
+    def watcher_log(self) -> str:
+        path = self.log_dir / "watcher.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def _start_watcher(self) -> None:
+        if not self.watcher or (self.watcher_proc and self.watcher_proc.poll() is None):
+            return
+        with (self.log_dir / "watcher.log").open("ab") as log:
+            self.watcher_proc = subprocess.Popen(
+                [sys.executable, "manage.py", "watch_hosts"],
+                cwd=ROOT,
+                env=child_env(**self.env),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
 
     @property
     def log_text(self) -> str:
@@ -108,6 +132,7 @@ class Worker:
             start_new_session=True,
         )
         log.close()
+        self._start_watcher()
         if wait:
             self.wait_ready()
         return self
@@ -132,8 +157,9 @@ class Worker:
         self.proc.wait()
 
     def stop(self) -> None:
-        if self.proc is not None:
-            stop_process_group(self.proc)
+        for proc in (self.proc, self.watcher_proc):
+            if proc is not None:
+                stop_process_group(proc)
 
 
 def wait_for(predicate, timeout: float = 30.0, interval: float = 0.1):  # type: ignore[no-untyped-def]

@@ -1,4 +1,4 @@
-"""`make up`'s last steps for real: migrate, bootstrap, then web + worker + beat in one process."""
+"""`make up`'s last steps for real: migrate, bootstrap, then web + worker + beat + watcher."""
 
 from __future__ import annotations
 
@@ -32,9 +32,10 @@ def alive(pid: int) -> bool:
     )
 
 
-def test_serve_runs_site_worker_and_beat_and_one_ctrl_c_stops_them(tmp_path):
+def test_serve_runs_site_worker_beat_and_watcher_and_one_ctrl_c_stops_them(tmp_path):
     """GIVEN a fresh data dir (SQLite) WHEN bootstrap then serve THEN the site answers, the first
-    admin's password is printed once, and SIGINT stops web, worker and beat."""
+    admin's password is printed once, the watcher follows the local host, and SIGINT stops web,
+    worker, beat and watcher."""
     redis_test_client()  # asserts the test Redis db is not db 0
     env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
     env.update(
@@ -83,14 +84,16 @@ def test_serve_runs_site_worker_and_beat_and_one_ctrl_c_stops_them(tmp_path):
         children = [
             int(p) for p in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
         ]
-        assert len(children) == 3, "web, worker and beat"
+        assert len(children) == 4, "web, worker, beat and watcher"
         deadline = time.monotonic() + 30
         text = ""
-        while time.monotonic() < deadline and not ("ready." in text and "beat: Starting" in text):
+        up = ("ready.", "beat: Starting", "watching local")
+        while time.monotonic() < deadline and not all(marker in text for marker in up):
             text = (tmp_path / "serve.log").read_text()
             time.sleep(0.3)
         assert "ready." in text, "the worker did not come up"
         assert "beat: Starting" in text, "beat did not come up"
+        assert "watching local" in text, "the watcher does not follow the local host"
         os.kill(proc.pid, signal.SIGINT)
         assert proc.wait(timeout=30) == 0
         deadline = time.monotonic() + 10

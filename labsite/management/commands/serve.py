@@ -1,4 +1,4 @@
-"""Run web (gunicorn), the Celery worker and Celery beat together in the foreground."""
+"""Run web (gunicorn), the Celery worker, Celery beat and the host watcher in the foreground."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from django.core.management.base import BaseCommand, CommandParser
 
 
 class Command(BaseCommand):
-    help = "Run site + worker + beat in the foreground; Ctrl-C stops all three."
+    help = "Run site + worker + beat + watcher in the foreground; Ctrl-C stops them all."
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"))
@@ -53,6 +53,7 @@ class Command(BaseCommand):
                 "--schedule",
                 settings.CELERY_BEAT_SCHEDULE_FILENAME,
             ],
+            "watcher": [sys.executable, str(settings.BASE_DIR / "manage.py"), "watch_hosts"],
         }
         procs = {
             name: subprocess.Popen(cmd, start_new_session=True) for name, cmd in commands.items()
@@ -61,7 +62,7 @@ class Command(BaseCommand):
         self.stdout.write(
             self.style.SUCCESS(f"Labsite is up: http://{shown}:{port}/  (API: /api/docs)")
         )
-        self.stdout.write("Press Ctrl-C to stop the site, the worker and beat.")
+        self.stdout.write("Press Ctrl-C to stop the site, the worker, beat and the watcher.")
         stopping = False
 
         def stop(*_: Any) -> None:
