@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -23,43 +24,50 @@ def _redis() -> redis.Redis:
     return redis.Redis.from_url(settings.REDIS_URL)
 
 
-def _lock(name: str, timeout: int) -> Any:
-    return _redis().lock(f"labsite:{name}", timeout=timeout)
+def _one_at_a_time(name: str, body: Callable[[], object]) -> None:
+    """Run `body` under a Redis lock; asked again while it runs, the holder runs it once more.
 
-
-@shared_task(name="experiments.tasks.schedule", ignore_result=True)
-def schedule(full: bool = False) -> None:
-    """One scheduler pass at a time; a kick during a pass makes the holder pass again.
-
-    Kicks (a run created or ended) ask for a quick pass; the timer asks for a full one. Many
-    kicks while a pass runs become one more pass, so a burst of ends costs a few passes.
+    So runs never overlap, and a request that came during one is served by the next, not lost.
     """
     client = _redis()
-    again, again_full = "labsite:scheduler:again", "labsite:scheduler:again-full"
-    if full:
-        client.set(again_full, 1)  # before `again`: the holder reads them in that order
-    client.set(again, 1)
+    again = f"labsite:{name}:again"
+    client.set(again, 1, ex=300)
     while True:
-        lock = client.lock("labsite:scheduler", timeout=120)
+        lock = client.lock(f"labsite:{name}", timeout=120)
         if not lock.acquire(blocking=False):
-            return  # the holder sees `again` and runs another pass
+            return  # the holder sees `again`
         try:
             while client.getdel(again):
-                full_pass = bool(client.getdel(again_full))
-                started = time.perf_counter()
-                result = scheduler.schedule_pass(full=full_pass)
-                log.info(
-                    "schedule pass (%s): placed %d in %.1f ms (%d waiting, %d expired)",
-                    "full" if full_pass else "quick",
-                    result["placed"],
-                    (time.perf_counter() - started) * 1000,
-                    result["waiting"],
-                    result["expired"],
-                )
+                body()
         finally:
             lock.release()
         if not client.exists(again):
             return
+
+
+@shared_task(name="experiments.tasks.schedule", ignore_result=True)
+def schedule(full: bool = False) -> None:
+    """One scheduler pass at a time: kicks (a run created, or ended) ask for a quick pass, the
+    timer for a full one; kicks during a pass become one more pass, so a burst costs a few."""
+    client = _redis()
+    full_flag = "labsite:scheduler:full"
+    if full:
+        client.set(full_flag, 1, ex=300)
+
+    def one_pass() -> None:
+        full_pass = bool(client.getdel(full_flag))
+        started = time.perf_counter()
+        result = scheduler.schedule_pass(full=full_pass)
+        log.info(
+            "schedule pass (%s): placed %d in %.1f ms (%d waiting, %d expired)",
+            "full" if full_pass else "quick",
+            result["placed"],
+            (time.perf_counter() - started) * 1000,
+            result["waiting"],
+            result["expired"],
+        )
+
+    _one_at_a_time("scheduler", one_pass)
 
 
 @shared_task(name="experiments.tasks.dispatch_run", ignore_result=True)
@@ -69,22 +77,9 @@ def dispatch_run(run_id: str) -> None:
 
 @shared_task(name="experiments.tasks.poll_host", ignore_result=True)
 def poll_host(host_id: int) -> None:
-    """Polls of one host never overlap; one asked for during a poll runs right after it, so a
-    run that ended just after the host answered (the watcher's wake-up) is not left waiting."""
-    client = _redis()
-    again = f"labsite:poll:{host_id}:again"
-    client.set(again, 1, ex=300)
-    while True:
-        lock = _lock(f"poll:{host_id}", 120)
-        if not lock.acquire(blocking=False):
-            return  # the holder sees `again` and polls once more
-        try:
-            while client.getdel(again):
-                runner.host_poll(host_id)
-        finally:
-            lock.release()
-        if not client.exists(again):
-            return
+    """Polls of one host never overlap, and one asked for during a poll (the watcher's wake-up
+    for a run that ended just after the host answered) runs right after it."""
+    _one_at_a_time(f"poll:{host_id}", lambda: runner.host_poll(host_id))
 
 
 @shared_task(name="experiments.tasks.poll_all", ignore_result=True)

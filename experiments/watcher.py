@@ -113,7 +113,11 @@ def watch_forever(
     try:
         while not stop.is_set():
             close_old_connections()
-            hosts = watched_hosts()
+            try:
+                hosts = watched_hosts()
+            except Exception:  # noqa: BLE001 - the database may be restarting: keep watching
+                log.exception("cannot read the hosts; trying again in %.0f s", refresh_seconds)
+                hosts = {host_id: watch.host for host_id, watch in watches.items()}
             for host_id, watch in list(watches.items()):
                 host = hosts.get(host_id)
                 stale = host is None or _identity(host) != _identity(watch.host)

@@ -178,6 +178,7 @@ def watch_script(run_root: str, heartbeat_seconds: int = 15) -> str:
     beat = max(1, int(heartbeat_seconds))
     return f"""{{
 set -u
+umask 077
 f={root_expr(run_root)}/.events
 mkdir -p "${{f%/*}}" && : >> "$f" || exit 1
 n=$(wc -c < "$f")

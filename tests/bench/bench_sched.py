@@ -1,7 +1,8 @@
 """Benchmark: one scheduler pass with 10,000 queued runs and 64 GPUs (8 hosts x 8).
 
-Time and SQL queries of the pass that fills every GPU, and of the steady-state pass that finds
-none free. `make bench` runs it on a scratch PostgreSQL database; writes bench-results/sched.md.
+Time and SQL queries of the full pass (the timer's) that fills every GPU and of the one that finds
+none free, and of the quick pass (a kick) that follows one run's end. `make bench` runs it on a
+scratch PostgreSQL database; writes bench-results/sched.md.
 """
 
 from __future__ import annotations
@@ -72,12 +73,20 @@ def seed() -> None:
     connection.cursor().execute("ANALYZE")
 
 
-def timed_pass() -> tuple[float, int, dict[str, int]]:
+def timed_pass(full: bool = True) -> tuple[float, int, dict[str, int]]:
     with CaptureQueriesContext(connection) as ctx:
         t0 = time.perf_counter()
-        result = scheduler.schedule_pass()
+        result = scheduler.schedule_pass(full=full)
         elapsed = time.perf_counter() - t0
     return elapsed * 1000, len(ctx.captured_queries), result
+
+
+def one_run_ends() -> None:
+    """What a run's end leaves behind: its lease released, one GPU free."""
+    lease = GpuLease.objects.filter(released_at__isnull=True).order_by("id").first()
+    assert lease is not None
+    Run.objects.filter(pk=lease.run_id).update(status="finished")
+    GpuLease.objects.filter(pk=lease.pk).update(released_at=timezone.now())
 
 
 def main() -> None:
@@ -86,6 +95,12 @@ def main() -> None:
     seed()
     fill_ms, fill_q, fill = timed_pass()
     steady = [timed_pass() for _ in range(5)]
+    quick_idle = [timed_pass(full=False) for _ in range(5)]
+    quick = []
+    for _ in range(20):
+        one_run_ends()
+        quick.append(timed_pass(full=False))
+    assert all(q[2]["placed"] == 1 for q in quick), quick
     # Free the GPUs again and measure a pass that places one wave into a warmed-up queue.
     GpuLease.objects.update(released_at=timezone.now())
     Run.objects.filter(status="launching").update(status="finished")
@@ -101,6 +116,11 @@ def main() -> None:
         f"| refill after a wave ends | {refill_ms:.0f} | {refill_q} | {refill['placed']} | {refill_ms / max(1, refill['placed']):.1f} |",
         f"| steady state, nothing free (median of 5) | {statistics.median(s[0] for s in steady):.0f} | "
         f"{steady[-1][1]} | 0 | - |",
+        f"| quick pass (a kick), nothing free (median of 5) | "
+        f"{statistics.median(q[0] for q in quick_idle):.1f} | {quick_idle[-1][1]} | 0 | - |",
+        f"| quick pass (a kick) after one run ends (median of 20) | "
+        f"{statistics.median(q[0] for q in quick):.1f} | {quick[-1][1]} | 1 | "
+        f"{statistics.median(q[0] for q in quick):.1f} |",
     ]
     table = "\n".join(lines)
     print(table)
