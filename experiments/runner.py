@@ -171,16 +171,20 @@ def host_poll(host_id: int) -> dict[str, Any]:
 
 
 def _confirm_gpu_placement(host: Host) -> None:
-    """A Labsite run seen on a GPU it did not lease is raised as an alert (once)."""
+    """A run seen on a GPU it leased is confirmed (an event, once per attempt); a run seen on a
+    GPU it did not lease is raised as an alert (once)."""
     leased = set(
         GpuLease.objects.filter(released_at__isnull=True, gpu__host=host).values_list(
             "gpu_id", "run_id"
         )
     )
+    seen: dict[str, str] = {}
     for gpu in host.gpus.filter(present=True):
         for proc in gpu.processes:
             run_id = proc.get("run_id")
-            if run_id and (gpu.id, run_id) not in leased:
+            if run_id and (gpu.id, run_id) in leased:
+                seen.setdefault(run_id, f"GPU {gpu.index} of {host.name} (pid {proc.get('pid')})")
+            elif run_id:
                 message = (
                     f"Run {run_id} is using GPU {gpu.index} of {host.name} "
                     f"(pid {proc.get('pid')}), which it did not lease: it may have ignored "
@@ -189,6 +193,8 @@ def _confirm_gpu_placement(host: Host) -> None:
                 if not Alert.objects.filter(run_id=run_id, message=message).exists():
                     run = Run.objects.filter(pk=run_id).first()
                     services.alert_raise(message=message, run=run, choices=["acknowledge", "stop"])
+    if seen:
+        services.run_gpus_confirm(seen=seen)
 
 
 def _apply(run: Run, report: RunReport) -> bool:

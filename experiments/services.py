@@ -12,12 +12,13 @@ from typing import Any
 from django.conf import settings
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.db import transaction
-from django.db.models import Q
+from django.db.models import F, Q
 from django.utils import timezone
 
 from clusters.models import Host
 from experiments.actors import Actor
 from experiments.choices import (
+    ACTIVE,
     NON_TERMINAL,
     PLAN_ARCHIVABLE,
     PLAN_CLEARED,
@@ -120,6 +121,30 @@ def _event(run: Run, *, actor: Actor, reason: str, message: str = "") -> None:
         actor_user_id=actor.user_id,
         actor_token=actor.token,
     )
+
+
+def run_gpus_confirm(*, seen: Mapping[str, str]) -> list[str]:
+    """Record, once per attempt, that a host showed these runs' processes on their leased GPUs.
+
+    `seen` maps run id -> what was seen ("GPU 0 of node-1 (pid 4242)"); returns the runs that
+    got their confirmation now (the others had it, or are no longer active).
+    """
+    done = set(
+        RunEvent.objects.filter(
+            run_id__in=list(seen),
+            reason="gpu_confirmed",
+            created_at__gte=F("run__launched_at"),
+        ).values_list("run_id", flat=True)
+    )
+    pending = [run_id for run_id in seen if run_id not in done]
+    if not pending:
+        return []
+    runs = Run.objects.filter(pk__in=pending, status__in=list(ACTIVE))
+    confirmed = []
+    for run in runs:
+        _event(run, actor=Actor.system(), reason="gpu_confirmed", message=f"seen on {seen[run.id]}")
+        confirmed.append(run.id)
+    return confirmed
 
 
 def _plan_cleared(plan: Plan | None) -> bool:

@@ -478,6 +478,13 @@ def test_our_process_on_its_gpu_is_leased_and_on_another_gpu_raises_an_alert(
     assert state["gpus"] == {"total": 2, "free": 1, "leased": 1, "busy_foreign": 0, "busy": 0}
     assert Gpu.objects.get(uuid=mine["uuid"]).processes == want
     assert not Alert.objects.filter(message__contains=run_id).exists()
+    # The poll confirms, in the run's audit trail, that its process is on the GPU it leased.
+    confirmed = eventually(
+        lambda: RunEvent.objects.filter(run_id=run_id, reason="gpu_confirmed").first(),
+        30,
+        lambda: str(list(RunEvent.objects.filter(run_id=run_id).values_list("reason", flat=True))),
+    )
+    assert confirmed.message == f"seen on GPU {mine['index']} of {h.name} (pid {pid})"
 
     # The same process shows up on the GPU it did not lease: an alert that names the run.
     fakegpu.set_gpus(
@@ -501,6 +508,8 @@ def test_our_process_on_its_gpu_is_leased_and_on_another_gpu_raises_an_alert(
     other_row = gpu_row(state, h.name, other["index"])
     assert other_row["state"] != "free" and other_row["run_id"] is None, other_row
     assert not GpuLease.objects.filter(gpu__uuid=other["uuid"]).exists()
+
+    assert RunEvent.objects.filter(run_id=run_id, reason="gpu_confirmed").count() == 1, "once"
 
     assert member.client.post(f"/api/runs/{run_id}/stop").status_code == 200
     assert ended(run_id).status == "stopped"

@@ -203,3 +203,28 @@ def test_respond_to_unknown_alert_is_json_404(member):
     response = member.client.post("/api/alerts/999999/respond", {"choice": "x"}, format="json")
     assert response.status_code == 404
     assert response.json() == {"detail": "Alert not found: 999999"}
+
+
+def test_gpu_confirmation_is_written_once_per_attempt_and_only_for_active_runs(member):
+    """GIVEN a running run seen on its leased GPU WHEN polls see it again THEN one event; WHEN it
+    is requeued and placed again THEN the new attempt is confirmed anew; an ended run is not."""
+    run = _run(member)
+    for to in (RunStatus.LAUNCHING, RunStatus.RUNNING):
+        assert services.run_transition(run_id=run.id, to=to, actor=Actor.system())
+    seen = {run.id: "GPU 1 of node-a (pid 42)"}
+    assert services.run_gpus_confirm(seen=seen) == [run.id]
+    assert services.run_gpus_confirm(seen=seen) == []
+    events = run.events.filter(reason="gpu_confirmed")
+    assert [(e.from_status, e.to_status, e.message) for e in events] == [
+        ("running", "running", "seen on GPU 1 of node-a (pid 42)")
+    ]
+    assert services.run_transition(run_id=run.id, to=RunStatus.QUEUED, actor=Actor.system())
+    assert services.run_gpus_confirm(seen=seen) == [], "a queued run is on no GPU of its own"
+    assert services.run_transition(run_id=run.id, to=RunStatus.LAUNCHING, actor=Actor.system())
+    assert services.run_gpus_confirm(seen=seen) == [run.id], "the new attempt is confirmed"
+    assert run.events.filter(reason="gpu_confirmed").count() == 2
+    ended = _run(member)
+    assert services.run_transition(run_id=ended.id, to=RunStatus.LAUNCHING, actor=Actor.system())
+    assert services.run_transition(run_id=ended.id, to=RunStatus.STOPPED, actor=Actor.system())
+    assert services.run_gpus_confirm(seen={ended.id: "GPU 2 of node-a (pid 7)"}) == []
+    assert not ended.events.filter(reason="gpu_confirmed").exists()
