@@ -24,7 +24,7 @@ from clusters.choices import HostKind, HostState
 from clusters.executors import ProtocolError, Stream, TransportError, executor_for
 from clusters.executors.protocol import WATCH_ALIVE
 from clusters.models import Host
-from experiments import services
+from experiments import runner, services
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +34,11 @@ MAX_BACKOFF_SECONDS = 60.0
 
 
 def watched_hosts() -> dict[int, Host]:
-    """Enabled local and SSH hosts that may be talked to (key pinned, not mismatched)."""
-    rows = Host.objects.filter(enabled=True, kind__in=[HostKind.LOCAL, HostKind.SSH]).exclude(
-        state=HostState.KEY_MISMATCH
-    )
+    """The hosts that are polled (enabled, or disabled with runs still on them), local and SSH,
+    that may be talked to (key pinned, not mismatched)."""
+    rows = Host.objects.filter(
+        pk__in=runner.hosts_to_poll(), kind__in=[HostKind.LOCAL, HostKind.SSH]
+    ).exclude(state=HostState.KEY_MISMATCH)
     return {h.id: h for h in rows if h.kind == HostKind.LOCAL or h.host_key_fingerprint}
 
 
