@@ -10,7 +10,7 @@ from typing import Any
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
-from django.db import transaction
+from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from clusters import gpus as gpu_lib
@@ -40,6 +40,19 @@ def host_ensure_local() -> Host:
     return host
 
 
+GPU_FIELDS = (
+    "host",
+    "index",
+    "name",
+    "memory_total_mb",
+    "memory_used_mb",
+    "utilization_pct",
+    "processes",
+    "present",
+    "updated_at",
+)
+
+
 def inventory_store(
     *,
     host: Host,
@@ -48,36 +61,55 @@ def inventory_store(
     note: str = "",
     pid_runs: dict[int, str] | None = None,
 ) -> list[Gpu]:
-    """Upsert the host's GPUs by UUID; GPUs it no longer reports are kept but marked absent."""
+    """Upsert the host's GPUs by UUID; GPUs it no longer reports are kept but marked absent.
+
+    A poll writes this every few seconds per host, so it is a fixed handful of queries (one
+    UPDATE for all known GPUs), not two per GPU. A GPU seen for the first time by two writers
+    at once (the local poll and the inventory timer) is created by one; the other retries.
+    """
+    try:
+        return _inventory_store(host, gpus, source, note, pid_runs or {})
+    except IntegrityError:
+        return _inventory_store(host, gpus, source, note, pid_runs or {})
+
+
+def _inventory_store(
+    host: Host,
+    gpus: list[gpu_lib.GpuState],
+    source: str,
+    note: str,
+    pid_runs: dict[int, str],
+) -> list[Gpu]:
     now = timezone.now()
+    values = {
+        state.uuid: {
+            "host": host,
+            "index": state.index,
+            "name": state.name,
+            "memory_total_mb": state.memory_total_mb,
+            "memory_used_mb": state.memory_used_mb,
+            "utilization_pct": state.utilization_pct,
+            "processes": [
+                {"pid": p.pid, "used_memory_mb": p.used_memory_mb, "run_id": pid_runs.get(p.pid)}
+                for p in state.processes
+            ],
+            "present": True,
+            "updated_at": now,
+        }
+        for state in gpus
+    }
     with transaction.atomic():
-        seen = []
-        for state in gpus:
-            gpu, _ = Gpu.objects.update_or_create(
-                uuid=state.uuid,
-                defaults={
-                    "host": host,
-                    "index": state.index,
-                    "name": state.name,
-                    "memory_total_mb": state.memory_total_mb,
-                    "memory_used_mb": state.memory_used_mb,
-                    "utilization_pct": state.utilization_pct,
-                    "processes": [
-                        {
-                            "pid": p.pid,
-                            "used_memory_mb": p.used_memory_mb,
-                            "run_id": (pid_runs or {}).get(p.pid),
-                        }
-                        for p in state.processes
-                    ],
-                    "present": True,
-                    "updated_at": now,
-                },
-            )
-            seen.append(gpu)
-        Gpu.objects.filter(host=host).exclude(uuid__in=[g.uuid for g in gpus]).update(
-            present=False, updated_at=now
-        )
+        known = {g.uuid: g for g in Gpu.objects.select_for_update().filter(uuid__in=values)}
+        rows = []
+        for uuid, fields in values.items():
+            gpu = known.get(uuid) or Gpu(uuid=uuid)
+            for name, value in fields.items():
+                setattr(gpu, name, value)
+            rows.append(gpu)
+        if known:
+            Gpu.objects.bulk_update(list(known.values()), GPU_FIELDS)
+        Gpu.objects.bulk_create([gpu for gpu in rows if gpu.uuid not in known])
+        Gpu.objects.filter(host=host).exclude(uuid__in=values).update(present=False, updated_at=now)
         Host.objects.filter(pk=host.pk).update(
             gpu_source=source,
             state=HostState.ONLINE,
@@ -86,7 +118,7 @@ def inventory_store(
             inventory_at=now,
         )
     host.refresh_from_db()
-    return seen
+    return rows
 
 
 def local_pid_runs(states: list[gpu_lib.GpuState]) -> dict[int, str]:

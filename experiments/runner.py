@@ -166,7 +166,7 @@ def host_poll(host_id: int) -> dict[str, Any]:
             freed |= _apply(run, report)
     if freed:
         # One pass for everything this poll saw end, not one per run: the pass places them all.
-        services.scheduler_kick()
+        services.scheduler_kick(cpu=False)
     return {"runs": len(runs)}
 
 

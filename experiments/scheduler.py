@@ -18,6 +18,7 @@ from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import cached_property
 from types import SimpleNamespace
 from typing import Any
 
@@ -55,31 +56,36 @@ class _Lost(Exception):
     pass
 
 
+def _enabled_hosts() -> Any:
+    return Host.objects.filter(enabled=True, kind__in=[HostKind.LOCAL, HostKind.SSH]).exclude(
+        state=HostState.KEY_MISMATCH
+    )
+
+
 @dataclass
 class _Capacity:
     """The pass's view of free GPUs, kept in memory and updated as runs are placed."""
 
-    hosts: dict[int, Host]
     free: dict[int, list[Gpu]]  # host id -> free GPUs by index
+    with_free: dict[int, Host]  # the hosts that have a free GPU
     user_gpus: dict[int, int]  # user id -> GPUs leased to the user's active runs
 
     @classmethod
     def load(cls, *, per_user: bool) -> _Capacity:
-        hosts = {
-            h.id: h
-            for h in Host.objects.filter(
-                enabled=True, kind__in=[HostKind.LOCAL, HostKind.SSH]
-            ).exclude(state__in=[HostState.KEY_MISMATCH])
-        }
-        free: dict[int, list[Gpu]] = defaultdict(list)
-        policies = {hid: gpu_policy_for(h) for hid, h in hosts.items()}
+        """One query for the GPUs (with their host and whether a lease holds them)."""
         active = GpuLease.objects.filter(gpu=OuterRef("pk"), released_at__isnull=True)
         gpus = (
-            Gpu.objects.filter(host_id__in=hosts, present=True)
+            Gpu.objects.filter(host__in=_enabled_hosts(), present=True)
+            .select_related("host")
             .annotate(leased=Exists(active))
             .order_by("host_id", "index")
         )
+        free: dict[int, list[Gpu]] = defaultdict(list)
+        with_free: dict[int, Host] = {}
+        policies: dict[int, Any] = {}
         for gpu in gpus:
+            if gpu.host_id not in policies:
+                policies[gpu.host_id] = gpu_policy_for(gpu.host)
             policy = policies[gpu.host_id]
             foreign = any(not p.get("run_id") for p in gpu.processes)
             if (
@@ -89,13 +95,19 @@ class _Capacity:
                 and gpu.utilization_pct <= policy.max_utilization_pct
             ):
                 free[gpu.host_id].append(gpu)
+                with_free[gpu.host_id] = gpu.host
         user_gpus: dict[int, int] = defaultdict(int)
         if per_user:  # only the lab's per-user cap reads it
             for user_id, n in Run.objects.filter(status__in=list(ACTIVE)).values_list(
                 "created_by_id", "gpus"
             ):
                 user_gpus[user_id] += n
-        return cls(hosts=hosts, free=free, user_gpus=user_gpus)
+        return cls(free=free, with_free=with_free, user_gpus=user_gpus)
+
+    @cached_property
+    def hosts(self) -> dict[int, Host]:
+        """Every host that may get work; read only when a CPU run or a waiting reason needs it."""
+        return {h.id: h for h in _enabled_hosts()}
 
     def free_total(self) -> int:
         return sum(len(gpus) for gpus in self.free.values())
@@ -127,9 +139,10 @@ class _Capacity:
     def pick(self, run: Any, need_mb: int) -> tuple[Host, list[Gpu]] | None:
         """GPUs of one host for the run: the host that fits it most tightly (keeps big holes)."""
         if run.host_id:
-            candidates = [self.hosts[run.host_id]] if run.host_id in self.hosts else []
+            host = self.with_free.get(run.host_id)
+            candidates = [host] if host is not None else []
         else:
-            candidates = list(self.hosts.values())
+            candidates = list(self.with_free.values())
         best: tuple[int, str, Host, list[Gpu]] | None = None
         for host in candidates:
             fitting = [g for g in self.free.get(host.id, []) if g.memory_free_mb >= need_mb]
@@ -264,7 +277,7 @@ class _Pass:
     """One walk of the queue: capacity, the time, and what it decided about each run."""
 
     capacity: _Capacity
-    over_budget: dict[str, str]
+    budgets: dict[str, str] | None = None  # plan id -> why its runs wait; read when first needed
     now: datetime = field(default_factory=timezone.now)
     cap: int = 0
     backfill_seconds: float = 0.0
@@ -276,23 +289,32 @@ class _Pass:
     waiting: int = 0
 
     @classmethod
-    def start(cls) -> _Pass:
+    def start(cls, *, full: bool) -> _Pass:
+        """A full pass checks every budget (and alerts the PI) whether or not a run waits on it;
+        a quick pass reads budgets only when it meets a run that belongs to a plan."""
         lab = settings.LABSITE
         cap = int(lab["MAX_GPUS_PER_USER"])
         return cls(
             capacity=_Capacity.load(per_user=bool(cap)),
-            over_budget=_over_budget(),
+            budgets=_over_budget() if full else None,
             cap=cap,
             backfill_seconds=lab["BACKFILL_SECONDS"],
         )
+
+    def over_budget(self, run: Any) -> str | None:
+        if not run.effective_plan:
+            return None
+        if self.budgets is None:
+            self.budgets = _over_budget()
+        return self.budgets.get(run.effective_plan)
 
     def blocked(self) -> bool:
         """Nothing more can be placed on a GPU in this pass."""
         return self.holding is not None or self.capacity.free_total() == 0
 
     def consider_cpu(self, run: Any) -> None:
-        if self.over_budget and run.effective_plan in self.over_budget:
-            self.wait(run, self.over_budget[run.effective_plan])
+        if over := self.over_budget(run):
+            self.wait(run, over)
             return
         hosts = self.capacity.hosts
         host = hosts.get(run.host_id) if run.host_id else self.capacity.default_host()
@@ -303,8 +325,8 @@ class _Pass:
             self.placed += 1
 
     def consider_gpu(self, run: Any) -> None:
-        if self.over_budget and run.effective_plan in self.over_budget:
-            self.wait(run, self.over_budget[run.effective_plan])
+        if over := self.over_budget(run):
+            self.wait(run, over)
             return
         if _gave_up(run, self.now):
             self.expire(run)
@@ -372,17 +394,19 @@ class _Pass:
         return {"placed": self.placed, "expired": self.expired, "waiting": self.waiting}
 
 
-def schedule_pass(*, full: bool = True) -> dict[str, int]:
+def schedule_pass(*, full: bool = True, cpu: bool = True) -> dict[str, int]:
     """Place queued runs by priority then age on GPUs that are free by policy.
 
     CPU runs (`gpus: 0`) take no GPU, so they are walked on their own and never wait behind GPU
     runs. A run that cannot be placed keeps a visible reason. A big run blocked longer than the
     lab's backfill bound holds the capacity: smaller runs behind it wait instead of passing it
-    for ever. A quick pass (`full=False`) stops at the first run once nothing more fits.
+    for ever. A quick pass (`full=False`) stops at the first run once nothing more fits, and
+    with `cpu=False` (a run ended: GPUs freed, no host) it reads only the GPU runs' queue.
     """
-    pass_ = _Pass.start()
-    for row in _head_first(_queue(gpu=False)):
-        pass_.consider_cpu(SimpleNamespace(**row))
+    pass_ = _Pass.start(full=full)
+    if cpu or full:
+        for row in _head_first(_queue(gpu=False)):
+            pass_.consider_cpu(SimpleNamespace(**row))
     gpu_queue = _queue(gpu=True)
     if full:
         # Plain rows, not model instances: a full pass may walk a queue of tens of thousands.

@@ -352,17 +352,21 @@ def run_rerun(*, run: Run, actor: Actor) -> Run:
     )
 
 
-def scheduler_kick() -> None:
-    """Ask for a scheduler pass once the current transaction commits (cheap when one runs)."""
-    transaction.on_commit(lambda: enqueue("experiments.tasks.schedule"))
+def scheduler_kick(*, cpu: bool = True) -> None:
+    """Ask for a quick scheduler pass once the current transaction commits (cheap when one runs).
+
+    cpu=False when what changed can only help GPU runs (a run ended and freed its GPUs): a CPU
+    run waits for a host, never for a GPU, so that pass need not read the CPU runs' queue.
+    """
+    transaction.on_commit(lambda: enqueue("experiments.tasks.schedule", cpu=cpu))
 
 
-def enqueue(task_name: str, *args: Any) -> None:
+def enqueue(task_name: str, *args: Any, **kwargs: Any) -> None:
     """Send a task by name after commit; a broker outage is logged, the timers catch up."""
     from labsite.celery import app
 
     try:
-        app.send_task(task_name, args=args)
+        app.send_task(task_name, args=args, kwargs=kwargs)
     except Exception:  # noqa: BLE001 - the beat-driven passes repair anything missed here
         log.warning("could not enqueue %s%r; the periodic pass will pick it up", task_name, args)
 

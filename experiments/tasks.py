@@ -46,23 +46,28 @@ def _one_at_a_time(name: str, body: Callable[[], object]) -> None:
 
 
 @shared_task(name="experiments.tasks.schedule", ignore_result=True)
-def schedule(full: bool = False) -> None:
+def schedule(full: bool = False, cpu: bool = True) -> None:
     """One scheduler pass at a time: kicks (a run created, or ended) ask for a quick pass, the
-    timer for a full one; kicks during a pass become one more pass, so a burst costs a few."""
+    timer for a full one; kicks during a pass become one more pass, so a burst costs a few.
+    What the asks wanted (full, CPU runs too) is kept in flags until the next pass reads them."""
     client = _redis()
-    full_flag = "labsite:scheduler:full"
+    full_flag, cpu_flag = "labsite:scheduler:full", "labsite:scheduler:cpu"
     if full:
         client.set(full_flag, 1, ex=300)
+    if cpu:
+        client.set(cpu_flag, 1, ex=300)
 
     def one_pass() -> None:
         full_pass = bool(client.getdel(full_flag))
-        started = time.perf_counter()
-        result = scheduler.schedule_pass(full=full_pass)
+        cpu_runs = bool(client.getdel(cpu_flag)) or full_pass
+        started, cpu = time.perf_counter(), time.process_time()
+        result = scheduler.schedule_pass(full=full_pass, cpu=cpu_runs)
         log.info(
-            "schedule pass (%s): placed %d in %.1f ms (%d waiting, %d expired)",
+            "schedule pass (%s): placed %d in %.1f ms, %.1f ms CPU (%d waiting, %d expired)",
             "full" if full_pass else "quick",
             result["placed"],
             (time.perf_counter() - started) * 1000,
+            (time.process_time() - cpu) * 1000,
             result["waiting"],
             result["expired"],
         )

@@ -73,6 +73,7 @@ def main() -> None:
                 ),
                 60,
             )
+            cpu_before = cpu_times()
             t0 = time.time()
             ids = [
                 services.run_create(
@@ -98,6 +99,7 @@ def main() -> None:
                 1.0,
             )
             total = time.time() - t0
+            cpu_after = cpu_times()
         finally:
             worker.stop()
     failed = Run.objects.filter(pk__in=ids, status="failed").count()
@@ -118,16 +120,19 @@ def main() -> None:
     ideal = N_RUNS * SECONDS / 8
     idle, overlaps = process_gaps(ids)
     passes = [
-        (m.group(1), int(m.group(2)), float(m.group(3)))
+        (m.group(1), int(m.group(2)), float(m.group(3)), float(m.group(4)))
         for path in logs.glob("worker-*.log")
         for m in re.finditer(
-            r"schedule pass \((\w+)\): placed (\d+) in ([\d.]+) ms", path.read_text()
+            r"schedule pass \((\w+)\): placed (\d+) in ([\d.]+) ms, ([\d.]+) ms CPU",
+            path.read_text(),
         )
     ]
-    placed_total = sum(p for _, p, _ in passes)
-    pass_ms = sum(ms for _, _, ms in passes)
-    quick = [ms for kind, _, ms in passes if kind == "quick"]
-    full = [ms for kind, _, ms in passes if kind == "full"]
+    placed_total = sum(p[1] for p in passes)
+    pass_ms = sum(p[2] for p in passes)
+    pass_cpu_ms = sum(p[3] for p in passes)
+    quick = [p[2] for p in passes if p[0] == "quick"]
+    full = [p[2] for p in passes if p[0] == "full"]
+    busy = cpu_busy_share(cpu_before, cpu_after)
     lines = [
         f"# Burst: {N_RUNS} runs of `sleep {SECONDS}` onto 2 hosts x 4 GPUs (fake nvidia-smi), "
         f"poll interval {POLL} s",
@@ -148,6 +153,10 @@ def main() -> None:
         f"| runs that overlapped another on a GPU | {overlaps} |",
         f"| scheduling overhead per run (time in scheduler passes / runs placed) | "
         f"{pass_ms / max(1, placed_total):.1f} ms ({len(passes)} passes, {placed_total} placed) |",
+        f"| same, CPU time of the worker in those passes / runs placed | "
+        f"{pass_cpu_ms / max(1, placed_total):.1f} ms |",
+        f"| machine CPU busy during the burst (server and both hosts share its cores) | "
+        f"{busy:.0%} |",
         f"| quick passes (kicks): count, median | {len(quick)}, "
         f"{statistics.median(quick or [0]):.1f} ms |",
         f"| full passes (timer): count, median | {len(full)}, "
@@ -156,6 +165,17 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     (ROOT / "bench-results" / "burst.md").write_text(table + "\n")
+
+
+def cpu_times() -> list[int]:
+    """The machine's CPU time counters (/proc/stat, first line)."""
+    return [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+
+
+def cpu_busy_share(before: list[int], after: list[int]) -> float:
+    delta = [b - a for a, b in zip(before, after, strict=True)]
+    idle = delta[3] + delta[4]  # idle + iowait
+    return 1 - idle / max(1, sum(delta))
 
 
 def pct(values: list[float], q: float) -> float:

@@ -64,3 +64,47 @@ def test_sinfo_summary_counts_gpus_per_partition():
     assert by_name["gpu"]["gpus"] == 12 and by_name["gpu"]["default"] is True
     assert by_name["gpu"]["states"] == {"idle": 2, "mixed": 1}
     assert by_name["cpu"]["gpus"] == 0 and by_name["cpu"]["nodes"] == 8
+
+
+@pytest.mark.django_db
+def test_inventory_store_upserts_by_uuid_in_a_fixed_number_of_queries():
+    """GIVEN a host's GPUs in the database WHEN a poll reports one of them changed, one new and
+    one gone THEN rows follow by UUID (the gone one kept, not present), with the same number of
+    queries for 2 GPUs as for 8."""
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from clusters.models import Gpu
+    from clusters.services import inventory_store
+    from tests.factories import HostFactory
+
+    def state(i: int, used: int = 4, procs: tuple = ()) -> gpus.GpuState:
+        return gpus.GpuState(
+            index=i,
+            uuid=f"GPU-{i}",
+            name="NVIDIA H100 80GB HBM3",
+            memory_total_mb=81559,
+            memory_used_mb=used,
+            utilization_pct=0,
+            processes=list(procs),
+        )
+
+    host = HostFactory()
+    inventory_store(host=host, gpus=[state(0), state(1)], source="nvidia-smi")
+    busy = state(0, used=40969, procs=(gpus.GpuProcess(pid=48213, used_memory_mb=40960),))
+    with CaptureQueriesContext(connection) as two:
+        inventory_store(
+            host=host, gpus=[busy, state(2)], source="nvidia-smi", pid_runs={48213: "r1"}
+        )
+    rows = {g.uuid: g for g in Gpu.objects.filter(host=host)}
+    assert rows["GPU-0"].memory_used_mb == 40969 and rows["GPU-0"].present
+    assert rows["GPU-0"].processes == [{"pid": 48213, "used_memory_mb": 40960, "run_id": "r1"}]
+    assert rows["GPU-2"].present and not rows["GPU-1"].present
+    assert host.gpu_source == "nvidia-smi" and host.inventory_at is not None
+
+    many = [state(i) for i in range(8)]
+    inventory_store(host=host, gpus=many, source="nvidia-smi")
+    with CaptureQueriesContext(connection) as eight:
+        inventory_store(host=host, gpus=many, source="nvidia-smi")
+    assert Gpu.objects.filter(host=host, present=True).count() == 8
+    assert len(eight.captured_queries) <= len(two.captured_queries)

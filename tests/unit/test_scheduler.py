@@ -134,7 +134,8 @@ def test_gpuwrap_retries_end_in_no_gpu_and_a_waiting_run_can_be_stopped(hosts, m
     assert stopped.status == "stopped"
 
 
-def test_a_plan_past_its_budget_launches_nothing_more(hosts, member, pi):
+@pytest.mark.parametrize("full", [True, False], ids=["full", "quick"])
+def test_a_plan_past_its_budget_launches_nothing_more(hosts, member, pi, full):
     author = Actor(kind="user", user=member.user)
     plan = services.plan_submit(plan=services.plan_create(actor=author, title="b"), actor=author)
     services.plan_approve(plan=plan, actor=Actor(kind="user", user=pi.user), gpu_hours_budget=1)
@@ -144,7 +145,7 @@ def test_a_plan_past_its_budget_launches_nothing_more(hosts, member, pi):
     )
     waiting = make(member, gpus=1, plan=plan)[0]
     free_run = make(member, gpus=1)[0]
-    scheduler.schedule_pass()
+    scheduler.schedule_pass(full=full)
     waiting.refresh_from_db()
     assert waiting.status == "queued" and "2.0 of its 1 GPU-hour budget" in waiting.waiting_reason
     assert Run.objects.get(pk=free_run.pk).status == "launching"
@@ -236,3 +237,15 @@ def test_a_quick_pass_walks_past_runs_that_do_not_fit(hosts, member):
     small = make(member, gpus=1)[0]
     scheduler.schedule_pass(full=False)
     assert Run.objects.get(pk=small.pk).status == "launching"
+
+
+def test_a_pass_for_freed_gpus_leaves_cpu_runs_to_the_others(hosts, member):
+    """A run's end frees GPUs, not hosts: its quick pass (cpu=False) does not read CPU runs; a
+    kick for a new run, or the timer's full pass, places them."""
+    cpu = make(member, gpus=0, wrap={})[0]
+    gpu = make(member, gpus=1)[0]
+    scheduler.schedule_pass(full=False, cpu=False)
+    assert Run.objects.get(pk=gpu.pk).status == "launching"
+    assert Run.objects.get(pk=cpu.pk).status == "queued"
+    scheduler.schedule_pass(full=False)
+    assert Run.objects.get(pk=cpu.pk).status == "launching"
