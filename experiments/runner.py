@@ -91,7 +91,7 @@ def run_dispatch(run_id: str) -> None:
         log.warning("dispatch of %s: %s (the reconcile pass retries)", run_id, exc)
         return
     except (ProtocolError, ValueError) as exc:
-        services.run_transition(
+        if services.run_transition(
             run_id=run_id,
             to=RunStatus.FAILED,
             from_=[RunStatus.LAUNCHING],
@@ -99,17 +99,19 @@ def run_dispatch(run_id: str) -> None:
             reason=RunReason.LAUNCH_ERROR,
             message=str(exc),
             fields={"error": str(exc)[:2000]},
-        )
+        ):
+            services.scheduler_kick(cpu=False)  # its GPUs are free again: the next run, now
         return
     if pid is None:
-        services.run_transition(
+        if services.run_transition(
             run_id=run_id,
             to=RunStatus.STOPPED,
             from_=[RunStatus.LAUNCHING],
             actor=SYSTEM,
             reason=RunReason.USER_STOP,
             message="cancelled before it started",
-        )
+        ):
+            services.scheduler_kick(cpu=False)
         return
     services.run_transition(
         run_id=run_id,
