@@ -40,19 +40,6 @@ def host_ensure_local() -> Host:
     return host
 
 
-GPU_FIELDS = (
-    "host",
-    "index",
-    "name",
-    "memory_total_mb",
-    "memory_used_mb",
-    "utilization_pct",
-    "processes",
-    "present",
-    "updated_at",
-)
-
-
 def inventory_store(
     *,
     host: Host,
@@ -101,13 +88,14 @@ def _inventory_store(
     with transaction.atomic():
         known = {g.uuid: g for g in Gpu.objects.select_for_update().filter(uuid__in=values)}
         rows = []
-        for uuid, fields in values.items():
+        for uuid, reported in values.items():
             gpu = known.get(uuid) or Gpu(uuid=uuid)
-            for name, value in fields.items():
+            for name, value in reported.items():
                 setattr(gpu, name, value)
             rows.append(gpu)
         if known:
-            Gpu.objects.bulk_update(list(known.values()), GPU_FIELDS)
+            fields = list(next(iter(values.values())))  # what a report sets, every row alike
+            Gpu.objects.bulk_update(list(known.values()), fields)
         Gpu.objects.bulk_create([gpu for gpu in rows if gpu.uuid not in known])
         Gpu.objects.filter(host=host).exclude(uuid__in=values).update(present=False, updated_at=now)
         Host.objects.filter(pk=host.pk).update(

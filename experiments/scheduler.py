@@ -66,8 +66,7 @@ def _enabled_hosts() -> Any:
 class _Capacity:
     """The pass's view of free GPUs, kept in memory and updated as runs are placed."""
 
-    free: dict[int, list[Gpu]]  # host id -> free GPUs by index
-    with_free: dict[int, Host]  # the hosts that have a free GPU
+    free: dict[int, list[Gpu]]  # host id -> free GPUs by index (each with its host loaded)
     user_gpus: dict[int, int]  # user id -> GPUs leased to the user's active runs
 
     @classmethod
@@ -81,7 +80,6 @@ class _Capacity:
             .order_by("host_id", "index")
         )
         free: dict[int, list[Gpu]] = defaultdict(list)
-        with_free: dict[int, Host] = {}
         policies: dict[int, Any] = {}
         for gpu in gpus:
             if gpu.host_id not in policies:
@@ -95,14 +93,13 @@ class _Capacity:
                 and gpu.utilization_pct <= policy.max_utilization_pct
             ):
                 free[gpu.host_id].append(gpu)
-                with_free[gpu.host_id] = gpu.host
         user_gpus: dict[int, int] = defaultdict(int)
         if per_user:  # only the lab's per-user cap reads it
             for user_id, n in Run.objects.filter(status__in=list(ACTIVE)).values_list(
                 "created_by_id", "gpus"
             ):
                 user_gpus[user_id] += n
-        return cls(free=free, with_free=with_free, user_gpus=user_gpus)
+        return cls(free=free, user_gpus=user_gpus)
 
     @cached_property
     def hosts(self) -> dict[int, Host]:
@@ -138,14 +135,12 @@ class _Capacity:
 
     def pick(self, run: Any, need_mb: int) -> tuple[Host, list[Gpu]] | None:
         """GPUs of one host for the run: the host that fits it most tightly (keeps big holes)."""
-        if run.host_id:
-            host = self.with_free.get(run.host_id)
-            candidates = [host] if host is not None else []
-        else:
-            candidates = list(self.with_free.values())
         best: tuple[int, str, Host, list[Gpu]] | None = None
-        for host in candidates:
-            fitting = [g for g in self.free.get(host.id, []) if g.memory_free_mb >= need_mb]
+        for host_id, gpus in self.free.items():
+            if not gpus or (run.host_id and host_id != run.host_id):
+                continue
+            host = gpus[0].host
+            fitting = [g for g in gpus if g.memory_free_mb >= need_mb]
             if len(fitting) >= run.gpus and (best is None or (len(fitting), host.name) < best[:2]):
                 best = (len(fitting), host.name, host, fitting[: run.gpus])
         return (best[2], best[3]) if best else None

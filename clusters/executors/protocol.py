@@ -85,24 +85,19 @@ def check_run_id(run_id: str) -> str:
     return run_id
 
 
-def dir_expr(run_root: str, run_id: str) -> str:
-    """A shell expression for the run directory; `~/` expands to the host user's $HOME."""
-    check_run_id(run_id)
-    root = run_root.rstrip("/") or "/"
-    if root == "~" or root.startswith("~/"):
-        rest = root[2:]
-        return '"$HOME"/' + shlex.quote(f"{rest}/{run_id}" if rest else run_id)
-    return shlex.quote(f"{root}/{run_id}")
-
-
 def root_expr(run_root: str) -> str:
-    """A shell expression for the run root itself (where the events file lives)."""
+    """A shell expression for the run root; `~/` expands to the host user's $HOME."""
     root = run_root.rstrip("/") or "/"
     if root == "~":
         return '"$HOME"'
     if root.startswith("~/"):
         return '"$HOME"/' + shlex.quote(root[2:])
     return shlex.quote(root)
+
+
+def dir_expr(run_root: str, run_id: str) -> str:
+    """A shell expression for the run directory (the events file sits beside it, in the root)."""
+    return f"{root_expr(run_root)}/{shlex.quote(check_run_id(run_id))}"
 
 
 def _b64(text: str) -> str:
