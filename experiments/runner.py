@@ -91,7 +91,7 @@ def run_dispatch(run_id: str) -> None:
         log.warning("dispatch of %s: %s (the reconcile pass retries)", run_id, exc)
         return
     except (ProtocolError, ValueError) as exc:
-        services.run_transition(
+        if services.run_transition(
             run_id=run_id,
             to=RunStatus.FAILED,
             from_=[RunStatus.LAUNCHING],
@@ -99,17 +99,19 @@ def run_dispatch(run_id: str) -> None:
             reason=RunReason.LAUNCH_ERROR,
             message=str(exc),
             fields={"error": str(exc)[:2000]},
-        )
+        ):
+            services.scheduler_kick(cpu=False)  # its GPUs are free again: the next run, now
         return
     if pid is None:
-        services.run_transition(
+        if services.run_transition(
             run_id=run_id,
             to=RunStatus.STOPPED,
             from_=[RunStatus.LAUNCHING],
             actor=SYSTEM,
             reason=RunReason.USER_STOP,
             message="cancelled before it started",
-        )
+        ):
+            services.scheduler_kick(cpu=False)
         return
     services.run_transition(
         run_id=run_id,
@@ -159,10 +161,16 @@ def host_poll(host_id: int) -> dict[str, Any]:
     elif host.kind == HostKind.LOCAL:
         inventory_refresh_local()
     _confirm_gpu_placement(host)
+    freed = False
     for run in runs:
         report = reports.get(run.id)
         if report is not None:
-            _apply(run, report)
+            freed |= _apply(run, report)
+    if freed:
+        # One pass for everything this poll saw end, not one per run: the pass places them all.
+        # (Kicking from run_transition per released lease was tried: the burst bench went from
+        # ~700 passes / 17 ms per run to 1,050 passes / 34 ms per run.)
+        services.scheduler_kick(cpu=False)
     return {"runs": len(runs)}
 
 
@@ -193,7 +201,8 @@ def _confirm_gpu_placement(host: Host) -> None:
         services.run_gpus_confirm(seen=seen)
 
 
-def _apply(run: Run, report: RunReport) -> None:
+def _apply(run: Run, report: RunReport) -> bool:
+    """Bring the run in line with the host's report; True when it left the host (GPUs freed)."""
     complete = _copy_output(run, report)
     if run.reason == RunReason.HOST_UNREACHABLE:
         Run.objects.filter(pk=run.pk, reason=RunReason.HOST_UNREACHABLE).update(reason="")
@@ -208,35 +217,38 @@ def _apply(run: Run, report: RunReport) -> None:
                 fields={"pid": report.pid},
                 expect={"attempt": run.attempt},
             )
-        return
+        return False
     if report.state in ("starting", "missing"):
         if run.status == RunStatus.LAUNCHING:
             # The dispatch was lost (worker killed, broker restarted): send it again.
             services.enqueue("experiments.tasks.dispatch_run", run.id)
         elif report.state == "missing":
-            _end(run, RunStatus.FAILED, RunReason.LOST, "the run directory is gone from the host")
-        return
+            return _end(
+                run, RunStatus.FAILED, RunReason.LOST, "the run directory is gone from the host"
+            )
+        return False
     if not complete:
-        return  # finish copying the log first, so an ended run keeps its whole output
+        return False  # finish copying the log first, so an ended run keeps its whole output
     if report.state == "exited":
         code = report.exit_code
         if run.stop_requested_at is not None:
-            _end(run, RunStatus.STOPPED, RunReason.USER_STOP, f"stopped (exit code {code})", code)
-        elif code == 0:
-            _end(run, RunStatus.FINISHED, "", "exit code 0", code)
-        else:
-            _end_failed(run, code)
-    elif report.state == "vanished":
-        if run.stop_requested_at is not None:
-            _end(run, RunStatus.STOPPED, RunReason.USER_STOP, "stopped", None)
-        else:
-            _end(
-                run,
-                RunStatus.FAILED,
-                RunReason.LOST,
-                "the process vanished without an exit code (host reboot, OOM killer?)",
-                None,
+            return _end(
+                run, RunStatus.STOPPED, RunReason.USER_STOP, f"stopped (exit code {code})", code
             )
+        if code == 0:
+            return _end(run, RunStatus.FINISHED, "", "exit code 0", code)
+        return _end_failed(run, code)
+    if report.state == "vanished":
+        if run.stop_requested_at is not None:
+            return _end(run, RunStatus.STOPPED, RunReason.USER_STOP, "stopped", None)
+        return _end(
+            run,
+            RunStatus.FAILED,
+            RunReason.LOST,
+            "the process vanished without an exit code (host reboot, OOM killer?)",
+            None,
+        )
+    return False
 
 
 def _tail(run_id: str, size: int) -> bytes:
@@ -251,20 +263,20 @@ def _tail(run_id: str, size: int) -> bytes:
         return b""
 
 
-def _end_failed(run: Run, code: int | None) -> None:
+def _end_failed(run: Run, code: int | None) -> bool:
     """A real CUDA out-of-memory is the run's failure (cuda_oom); "all CUDA-capable devices are
     busy" means its GPU was taken meanwhile: back to the queue, at most MAX_BUSY_REQUEUES times."""
     tail = _tail(run.id, run.log_size - run.log_base)
     if any(marker in tail for marker in OOM_MARKERS):
-        _end(
+        return _end(
             run,
             RunStatus.FAILED,
             RunReason.CUDA_OOM,
             f"CUDA out of memory (exit code {code})",
             code,
         )
-    elif any(marker in tail for marker in BUSY_MARKERS) and run.attempt <= MAX_BUSY_REQUEUES:
-        services.run_transition(
+    if any(marker in tail for marker in BUSY_MARKERS) and run.attempt <= MAX_BUSY_REQUEUES:
+        return services.run_transition(
             run_id=run.id,
             to=RunStatus.QUEUED,
             from_=[RunStatus.RUNNING],
@@ -282,12 +294,11 @@ def _end_failed(run: Run, code: int | None) -> None:
             },
             expect={"attempt": run.attempt},
         )
-    else:
-        _end(run, RunStatus.FAILED, RunReason.EXIT_CODE, f"exit code {code}", code)
+    return _end(run, RunStatus.FAILED, RunReason.EXIT_CODE, f"exit code {code}", code)
 
 
-def _end(run: Run, to: str, reason: str, message: str, code: int | None = None) -> None:
-    services.run_transition(
+def _end(run: Run, to: str, reason: str, message: str, code: int | None = None) -> bool:
+    return services.run_transition(
         run_id=run.id,
         to=to,
         from_=list(ACTIVE),

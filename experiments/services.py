@@ -105,13 +105,7 @@ def run_transition(
             actor_token=actor.token,
         )
         if to in TERMINAL or to == RunStatus.QUEUED:
-            released = GpuLease.objects.filter(run_id=run_id, released_at__isnull=True).update(
-                released_at=now
-            )
-            if released:
-                # Freed GPUs go to the next run at once, whoever ended this one (a poll, a
-                # failed launch, a stop); kicks that arrive during a pass become one more pass.
-                scheduler_kick(cpu=False)
+            GpuLease.objects.filter(run_id=run_id, released_at__isnull=True).update(released_at=now)
     return True
 
 

@@ -249,20 +249,3 @@ def test_a_pass_for_freed_gpus_leaves_cpu_runs_to_the_others(hosts, member):
     assert Run.objects.get(pk=cpu.pk).status == "queued"
     scheduler.schedule_pass(full=False)
     assert Run.objects.get(pk=cpu.pk).status == "launching"
-
-
-def test_a_run_that_frees_gpus_asks_for_a_pass_and_one_without_does_not(
-    hosts, member, django_capture_on_commit_callbacks
-):
-    """Whoever ends a run (a poll, a failed launch, a stop), run_transition releases its leases
-    and, when it released any, kicks the scheduler once the transaction commits."""
-    gpu_run = make(member, gpus=1)[0]
-    cpu_run = make(member, gpus=0, wrap={})[0]
-    scheduler.schedule_pass(full=False)
-    assert GpuLease.objects.filter(run=gpu_run, released_at__isnull=True).count() == 1
-    with django_capture_on_commit_callbacks() as kicks:
-        services.run_transition(run_id=cpu_run.id, to="failed", actor=Actor.system())
-    assert kicks == [], "a CPU run frees no GPU: no pass"
-    with django_capture_on_commit_callbacks() as kicks:
-        services.run_transition(run_id=gpu_run.id, to="failed", actor=Actor.system())
-    assert len(kicks) == 1 and not GpuLease.objects.filter(released_at__isnull=True).exists()
