@@ -9,6 +9,7 @@ import shutil
 import subprocess
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 QUERY_GPU_ARGS = [
     "--query-gpu=index,uuid,name,memory.total,memory.used,utilization.gpu",
@@ -119,6 +120,16 @@ def is_free(
     )
 
 
+def _memory(pynvml: Any, handle: Any) -> Any:
+    """Memory as nvidia-smi reports it. The v1 call counts the driver's reserved memory as used
+    (480 MiB on an idle H100, where nvidia-smi says 0), so an NVML host would read busier than
+    an nvidia-smi one; v2 keeps reserved apart. Drivers older than v2 answer with v1."""
+    try:
+        return pynvml.nvmlDeviceGetMemoryInfo(handle, version=pynvml.nvmlMemory_v2)
+    except (pynvml.NVMLError, AttributeError):
+        return pynvml.nvmlDeviceGetMemoryInfo(handle)
+
+
 def read_nvml() -> list[GpuState]:
     """The local GPUs through NVML; raises InventoryError when there is no driver or GPU."""
     try:
@@ -133,7 +144,7 @@ def read_nvml() -> list[GpuState]:
         gpus = []
         for i in range(pynvml.nvmlDeviceGetCount()):
             handle = pynvml.nvmlDeviceGetHandleByIndex(i)
-            mem = pynvml.nvmlDeviceGetMemoryInfo(handle)
+            mem = _memory(pynvml, handle)
             try:
                 util = int(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu)
             except pynvml.NVMLError:

@@ -1,5 +1,7 @@
 """Inventory parsing and the free-GPU policy (pure logic), against captured real outputs."""
 
+import sys
+
 import pytest
 
 from clusters import gpus
@@ -108,3 +110,58 @@ def test_inventory_store_upserts_by_uuid_in_a_fixed_number_of_queries():
         inventory_store(host=host, gpus=many, source="nvidia-smi")
     assert Gpu.objects.filter(host=host, present=True).count() == 8
     assert len(eight.captured_queries) <= len(two.captured_queries)
+
+
+class _FakeNvml:
+    """Just enough of pynvml for read_nvml's memory choice (the gpu tier reads a real one)."""
+
+    nvmlMemory_v2 = 0x02000028
+
+    class NVMLError(Exception):
+        pass
+
+    def __init__(self, *, v2: bool) -> None:
+        self.v2 = v2
+
+    def nvmlInit(self) -> None: ...
+
+    def nvmlShutdown(self) -> None: ...
+
+    def nvmlDeviceGetCount(self) -> int:
+        return 1
+
+    def nvmlDeviceGetHandleByIndex(self, i: int) -> int:
+        return i
+
+    def nvmlDeviceGetMemoryInfo(self, handle: int, version: int | None = None) -> object:
+        from types import SimpleNamespace
+
+        if version is None:  # v1: the driver's reserved 480 MiB counted as used
+            return SimpleNamespace(total=81559 << 20, used=480 << 20)
+        if not self.v2:
+            raise self.NVMLError("Function Not Found")
+        return SimpleNamespace(total=81559 << 20, reserved=480 << 20, used=0)
+
+    def nvmlDeviceGetUtilizationRates(self, handle: int) -> object:
+        from types import SimpleNamespace
+
+        return SimpleNamespace(gpu=3)
+
+    def nvmlDeviceGetUUID(self, handle: int) -> str:
+        return "GPU-aa08b9ef-125a-bd24-51bc-6cdecbe36549"
+
+    def nvmlDeviceGetName(self, handle: int) -> bytes:
+        return b"NVIDIA H100 80GB HBM3"
+
+    def nvmlDeviceGetComputeRunningProcesses(self, handle: int) -> list[object]:
+        return []
+
+
+@pytest.mark.parametrize(("v2", "used"), [(True, 0), (False, 480)])
+def test_nvml_memory_is_read_as_nvidia_smi_counts_it_where_the_driver_can(monkeypatch, v2, used):
+    """NVML's v2 memory call keeps the driver's reserved memory out of `used`, as nvidia-smi
+    does; a driver without it falls back to v1 rather than failing the inventory."""
+    monkeypatch.setitem(sys.modules, "pynvml", _FakeNvml(v2=v2))
+    [gpu] = gpus.read_nvml()
+    assert (gpu.memory_total_mb, gpu.memory_used_mb, gpu.utilization_pct) == (81559, used, 3)
+    assert gpu.name == "NVIDIA H100 80GB HBM3"
