@@ -81,6 +81,10 @@ def run_dispatch(run_id: str) -> None:
     run = Run.objects.select_related("host").filter(pk=run_id).first()
     if run is None or run.status != RunStatus.LAUNCHING or run.host is None:
         return
+    if run.stop_requested_at is not None:
+        # Stopped before it started: the cancel (which leaves a marker no later launch passes)
+        # ends it. A dispatch sent before the stop, or resent by a poll, must not start it.
+        return
     Run.objects.filter(pk=run_id).update(dispatch_attempts=F("dispatch_attempts") + 1)
     try:
         pid = executor_for(run.host).launch(launch_spec(run, run.host))
@@ -219,7 +223,9 @@ def _apply(run: Run, report: RunReport) -> bool:
             )
         return False
     if report.state in ("starting", "missing"):
-        if run.status == RunStatus.LAUNCHING:
+        if run.status == RunStatus.LAUNCHING and run.stop_requested_at is not None:
+            services.enqueue("experiments.tasks.cancel_run", run.id)  # never start it
+        elif run.status == RunStatus.LAUNCHING:
             # The dispatch was lost (worker killed, broker restarted): send it again.
             services.enqueue("experiments.tasks.dispatch_run", run.id)
         elif report.state == "missing":

@@ -362,7 +362,8 @@ def scheduler_kick(*, cpu: bool = True) -> None:
 
 
 def enqueue(task_name: str, *args: Any, **kwargs: Any) -> None:
-    """Send a task by name after commit; a broker outage is logged, the timers catch up."""
+    """Send a task by name, now (callers that must wait for their commit wrap this in
+    transaction.on_commit); a broker outage is logged, the timers catch up."""
     from labsite.celery import app
 
     try:

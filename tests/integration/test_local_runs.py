@@ -5,10 +5,13 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from clusters.services import host_ensure_local
+from experiments import runner, scheduler, services
+from experiments.actors import Actor
 from experiments.models import Run
 from tests.harness.worker import wait_for
 
@@ -154,3 +157,35 @@ def test_stop_of_a_queued_run_never_starts_it(local, member):
     assert member.client.post(f"/api/runs/{run_id}/stop").json()["status"] == "stopped"
     time.sleep(2)
     assert Run.objects.get(pk=run_id).status == "stopped"
+
+
+@pytest.mark.django_db
+def test_a_run_stopped_while_launching_never_starts(member, tmp_path, monkeypatch):
+    """GIVEN a launching run whose dispatch has not reached the host (a host cut off, a broker
+    hiccup) WHEN it is stopped and then a late dispatch and a poll arrive before the cancel
+    THEN neither starts its command: the poll sends the cancel, which records `stopped`.
+    (The ssh tier saw this race: a tick poll re-sent the dispatch before the cancel ran.)"""
+    sent: list[tuple[str, tuple[Any, ...]]] = []
+    monkeypatch.setattr(services, "enqueue", lambda name, *args, **kw: sent.append((name, args)))
+    host = host_ensure_local()
+    host.enabled, host.run_root = True, str(tmp_path / "runs")
+    host.save(update_fields=["enabled", "run_root"])
+    actor = Actor(kind="user", user=member.user)
+    late = tmp_path / "late-executed"
+    run = services.run_create(
+        actor=actor, command=f"touch {late}", host=host, gpus=0, auto_start=True, kick=False
+    )
+    scheduler.schedule_pass()
+    assert Run.objects.get(pk=run.pk).status == "launching"
+    services.run_stop(run=Run.objects.get(pk=run.pk), actor=actor)
+
+    runner.run_dispatch(run.id)  # sent before the stop, delivered after it
+    runner.host_poll(host.id)  # finds the run missing on the host
+    assert ("experiments.tasks.cancel_run", (run.id,)) in sent
+    assert ("experiments.tasks.dispatch_run", (run.id,)) not in sent
+    runner.run_cancel(run.id)
+    runner.run_dispatch(run.id)
+    time.sleep(1)
+    assert not late.exists(), "the stopped run's command ran"
+    done = Run.objects.get(pk=run.pk)
+    assert (done.status, done.reason, done.pid) == ("stopped", "user_stop", None)
