@@ -50,9 +50,11 @@ def inventory_store(
 ) -> list[Gpu]:
     """Upsert the host's GPUs by UUID; GPUs it no longer reports are kept but marked absent.
 
-    A poll writes this every few seconds per host, so it is a fixed handful of queries (one
-    UPDATE for all known GPUs), not two per GPU. A GPU seen for the first time by two writers
-    at once (the local poll and the inventory timer) is created by one; the other retries.
+    A poll writes this every few seconds per host, so only what changed is written: a GPU
+    row is rewritten (and its updated_at moved) when its reported state differs, and the
+    host's inventory_at says when the whole inventory was last read. An idle host costs two
+    small queries per poll. A GPU seen for the first time by two writers at once (the local
+    poll and the inventory timer) is created by one; the other retries.
     """
     try:
         return _inventory_store(host, gpus, source, note, pid_runs or {})
@@ -70,7 +72,7 @@ def _inventory_store(
     now = timezone.now()
     values = {
         state.uuid: {
-            "host": host,
+            "host_id": host.id,
             "index": state.index,
             "name": state.name,
             "memory_total_mb": state.memory_total_mb,
@@ -81,31 +83,41 @@ def _inventory_store(
                 for p in state.processes
             ],
             "present": True,
-            "updated_at": now,
         }
         for state in gpus
     }
     with transaction.atomic():
         known = {g.uuid: g for g in Gpu.objects.select_for_update().filter(uuid__in=values)}
-        rows = []
+        rows, changed, new = [], [], []
         for uuid, reported in values.items():
-            gpu = known.get(uuid) or Gpu(uuid=uuid)
-            for name, value in reported.items():
-                setattr(gpu, name, value)
+            gpu = known.get(uuid)
+            if gpu is None:
+                gpu = Gpu(uuid=uuid, updated_at=now, **reported)
+                new.append(gpu)
+            elif any(getattr(gpu, name) != value for name, value in reported.items()):
+                for name, value in reported.items():
+                    setattr(gpu, name, value)
+                gpu.updated_at = now
+                changed.append(gpu)
             rows.append(gpu)
-        if known:
-            fields = list(next(iter(values.values())))  # what a report sets, every row alike
-            Gpu.objects.bulk_update(list(known.values()), fields)
-        Gpu.objects.bulk_create([gpu for gpu in rows if gpu.uuid not in known])
-        Gpu.objects.filter(host=host).exclude(uuid__in=values).update(present=False, updated_at=now)
-        Host.objects.filter(pk=host.pk).update(
-            gpu_source=source,
-            state=HostState.ONLINE,
-            state_note=note,
-            last_seen_at=now,
-            inventory_at=now,
+        if changed:
+            fields = [*next(iter(values.values())), "updated_at"]  # every report sets these
+            Gpu.objects.bulk_update(changed, fields)
+        if new:
+            Gpu.objects.bulk_create(new)
+        Gpu.objects.filter(host=host, present=True).exclude(uuid__in=values).update(
+            present=False, updated_at=now
         )
-    host.refresh_from_db()
+        facts = {
+            "gpu_source": source,
+            "state": HostState.ONLINE,
+            "state_note": note,
+            "last_seen_at": now,
+            "inventory_at": now,
+        }
+        Host.objects.filter(pk=host.pk).update(**facts)
+    for name, value in facts.items():
+        setattr(host, name, value)
     return rows
 
 

@@ -159,11 +159,13 @@ def host_poll(host_id: int) -> dict[str, Any]:
     except (TransportError, ProtocolError) as exc:
         _host_unreachable(host, runs, str(exc))
         return {"runs": len(runs), "error": str(exc)}
-    Host.objects.filter(pk=host.pk).update(state=HostState.ONLINE, last_seen_at=timezone.now())
+    # Either way the inventory marks the host online and seen.
     if gpu_report is not None:
         inventory_from_report(host, gpu_report)
     elif host.kind == HostKind.LOCAL:
         inventory_refresh_local()
+    else:
+        Host.objects.filter(pk=host.pk).update(state=HostState.ONLINE, last_seen_at=timezone.now())
     _confirm_gpu_placement(host)
     freed = False
     for run in runs:
@@ -181,13 +183,20 @@ def host_poll(host_id: int) -> dict[str, Any]:
 def _confirm_gpu_placement(host: Host) -> None:
     """A run seen on a GPU it leased is confirmed (an event, once per attempt); a run seen on a
     GPU it did not lease is raised as an alert (once)."""
+    in_use = [
+        gpu
+        for gpu in host.gpus.filter(present=True)
+        if any(proc.get("run_id") for proc in gpu.processes)
+    ]
+    if not in_use:
+        return  # no run's process on any GPU: nothing to confirm, one query
     leased = set(
         GpuLease.objects.filter(released_at__isnull=True, gpu__host=host).values_list(
             "gpu_id", "run_id"
         )
     )
     seen: dict[str, str] = {}
-    for gpu in host.gpus.filter(present=True):
+    for gpu in in_use:
         for proc in gpu.processes:
             run_id = proc.get("run_id")
             if run_id and (gpu.id, run_id) in leased:

@@ -87,7 +87,8 @@ def cluster_state() -> dict[str, Any]:
                     "processes": gpu.processes,
                     "state": state,
                     "run_id": lease_by_gpu.get(gpu.id),
-                    "updated_at": gpu.updated_at,
+                    # As of the host's last inventory (a row is rewritten only on change).
+                    "updated_at": max(filter(None, [gpu.updated_at, host.inventory_at])),
                 }
             )
         if host.kind == HostKind.SLURM:

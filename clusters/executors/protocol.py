@@ -1,7 +1,7 @@
 """The run directory protocol, as the scripts that launch, poll and cancel runs on a host.
 
 The same scripts serve every transport (local subprocess, SSH): each is sent on stdin to
-`bash -s` or `python3 -`, so nothing the user wrote appears in a process list or in argv.
+`bash -s` or `python3 -I -S -`, so nothing the user wrote appears in a process list or in argv.
 User strings reach the host only shell-quoted or base64-encoded.
 """
 

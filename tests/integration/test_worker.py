@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from clusters.models import Host
 from clusters.tasks import refresh_local_inventory
 from tests.harness.worker import wait_for
@@ -38,3 +40,24 @@ def test_one_at_a_time_serves_a_request_that_came_during_a_run(db):
     _one_at_a_time("test-serial", body)
     assert calls == ["run", "asked", "run"]
     assert not redis_test_client().exists("labsite:test-serial")  # the lock is released
+
+
+def test_a_timer_poll_right_after_another_poll_is_skipped(db, settings, monkeypatch):
+    """GIVEN a host polled a moment ago (a watcher's wake-up) WHEN the timer's poll arrives
+    within half an interval THEN it is skipped; wake-up polls never are, and the timer's poll
+    runs again once half an interval has passed (a host is polled at least every 1.5 ticks)."""
+    from experiments import runner, tasks
+    from tests.harness.worker import redis_test_client
+
+    redis_test_client().flushdb()
+    settings.LABSITE = {**settings.LABSITE, "POLL_INTERVAL_SECONDS": 1.0}
+    polled: list[str] = []
+    monkeypatch.setattr(runner, "host_poll", lambda host_id: polled.append(host_id))
+    tasks.poll_host(7)
+    tasks.poll_host(7, tick=True)
+    tasks.poll_host(8, tick=True)  # another host: its own clock
+    tasks.poll_host(7)
+    assert polled == [7, 8, 7]
+    time.sleep(0.6)
+    tasks.poll_host(7, tick=True)
+    assert polled == [7, 8, 7, 7]

@@ -256,3 +256,20 @@ def test_a_50_mb_log_over_ssh_arrives_whole_with_its_bytes(lab, member, settings
     assert body["content"].endswith("café \ufffd\ufffd\nEND\n")
     raw = (Path(settings.DATA_DIR) / "logs" / f"{run_id}.log").read_bytes()
     assert raw == (run_dir(h, run_id) / "output.log").read_bytes()
+
+
+def test_a_hosts_own_python_setup_cannot_break_the_poll(lab, member):
+    """GIVEN a host whose user site-packages hold a .pth that kills any Python started with
+    `site` (a conda env or a lab member's packages can do worse) WHEN a run runs there THEN the
+    poll (Python started isolated, without site) still sees it finish."""
+    h = lab[0]
+    version = h.exec(
+        "python3 -c 'import sys; print(\"%d.%d\" % sys.version_info[:2])'", check=True
+    ).stdout.strip()
+    user_site = Path(h.home) / ".local" / "lib" / f"python{version}" / "site-packages"
+    user_site.mkdir(parents=True)
+    (user_site / "zz-broken.pth").write_text("import os; os._exit(3)\n")
+    assert h.exec("python3 -c pass").returncode == 3  # the trap works on a plain python3
+    run_id = create(member.client, h, name="pth", command="echo fine")
+    run = ended(run_id, timeout=60)
+    assert run.status == "finished" and run.exit_code == 0, (run.status, run.error)

@@ -76,7 +76,7 @@ def test_inventory_store_upserts_by_uuid_in_a_fixed_number_of_queries():
     from django.db import connection
     from django.test.utils import CaptureQueriesContext
 
-    from clusters.models import Gpu
+    from clusters.models import Gpu, Host
     from clusters.services import inventory_store
     from tests.factories import HostFactory
 
@@ -106,10 +106,26 @@ def test_inventory_store_upserts_by_uuid_in_a_fixed_number_of_queries():
 
     many = [state(i) for i in range(8)]
     inventory_store(host=host, gpus=many, source="nvidia-smi")
+    many[5] = state(5, used=2048)
     with CaptureQueriesContext(connection) as eight:
         inventory_store(host=host, gpus=many, source="nvidia-smi")
     assert Gpu.objects.filter(host=host, present=True).count() == 8
     assert len(eight.captured_queries) <= len(two.captured_queries)
+
+    # The same report again (an idle host, polled every few seconds): no GPU row is rewritten,
+    # the host's inventory_at moves, and the API's updated_at follows it.
+    from experiments.selectors import cluster_state
+
+    before = {g.uuid: g.updated_at for g in Gpu.objects.filter(host=host)}
+    last_read = Host.objects.get(pk=host.pk).inventory_at
+    with CaptureQueriesContext(connection) as same:
+        inventory_store(host=host, gpus=many, source="nvidia-smi")
+    assert not [q for q in same.captured_queries if "CASE WHEN" in q["sql"]]  # no bulk_update
+    assert {g.uuid: g.updated_at for g in Gpu.objects.filter(host=host)} == before
+    host.refresh_from_db()
+    assert host.inventory_at > last_read
+    [row] = [h for h in cluster_state()["hosts"] if h["name"] == host.name]
+    assert {g["updated_at"] for g in row["gpus"]} == {host.inventory_at}
 
 
 class _FakeNvml:
