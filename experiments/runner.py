@@ -131,7 +131,11 @@ def run_dispatch(run_id: str) -> None:
 
 
 def host_poll(host_id: int) -> dict[str, Any]:
-    """One round trip to the host for all its active runs and its GPUs; the database follows."""
+    """One round trip to the host for all its active runs and its GPUs; the database follows.
+
+    `freed` in the result says that runs ended here and released GPUs: the caller asks for one
+    scheduler pass for all of them (the poll task runs it at once, see tasks.poll_host).
+    """
     host = Host.objects.filter(pk=host_id).first()
     if host is None or (
         not host.enabled and not host.runs.filter(status__in=list(ACTIVE)).exists()
@@ -172,12 +176,10 @@ def host_poll(host_id: int) -> dict[str, Any]:
         report = reports.get(run.id)
         if report is not None:
             freed |= _apply(run, report)
-    if freed:
-        # One pass for everything this poll saw end, not one per run: the pass places them all.
-        # (Kicking from run_transition per released lease was tried: the burst bench went from
-        # ~700 passes / 17 ms per run to 1,050 passes / 34 ms per run.)
-        services.scheduler_kick(cpu=False)
-    return {"runs": len(runs)}
+    # One pass for everything this poll saw end, not one per run: the pass places them all.
+    # (Kicking from run_transition per released lease was tried: the burst bench went from
+    # ~700 passes / 17 ms per run to 1,050 passes / 34 ms per run.)
+    return {"runs": len(runs), "freed": freed}
 
 
 def _confirm_gpu_placement(host: Host) -> None:
@@ -432,8 +434,8 @@ def run_cancel(run_id: str) -> None:
     if left:
         log.error("cancel of %s left %d process(es) on %s", run_id, left, run.host.name)
         return
-    host_poll(run.host.pk)  # copy the last output, then record the end
-    services.run_transition(
+    freed = bool(host_poll(run.host.pk).get("freed"))  # copy the last output, record the end
+    freed |= services.run_transition(
         run_id=run_id,
         to=RunStatus.STOPPED,
         from_=list(ACTIVE),
@@ -441,6 +443,8 @@ def run_cancel(run_id: str) -> None:
         reason=RunReason.USER_STOP,
         message="stopped on the host",
     )
+    if freed:
+        services.scheduler_kick(cpu=False)
 
 
 def hosts_with_active_runs() -> list[int]:

@@ -80,33 +80,45 @@ def dispatch_run(run_id: str) -> None:
     runner.run_dispatch(run_id)
 
 
+def _recent_poll_key(host_id: int) -> str:
+    return f"labsite:poll:{host_id}:recent"
+
+
 @shared_task(name="experiments.tasks.poll_host", ignore_result=True)
-def poll_host(host_id: int, tick: bool = False) -> None:
+def poll_host(host_id: int) -> None:
     """Polls of one host never overlap, and one asked for during a poll (the watcher's wake-up
     for a run that ended just after the host answered) runs right after it.
 
-    The timer's poll (`tick`) is skipped when a poll of the host began less than half an
-    interval ago: while the watcher wakes polls as runs end, ticks would mostly repeat them
-    (a quarter of all polls in the burst benchmark). A host is still polled at least once per
-    1.5 intervals, which keeps logs, metrics and GPUs fresh.
+    When the poll saw runs end, the quick pass that gives their GPUs to the next runs runs
+    here, right after that poll: no second task, no trip through the broker, and not after
+    the next poll (under a burst of ends the watcher asks for another poll before this one
+    is done). The pass touches only the database, so holding the host's poll lock across it
+    holds no SSH I/O.
     """
     client = _redis()
-    recent = f"labsite:poll:{host_id}:recent"
-    if tick and client.exists(recent):
-        return
     half_interval_ms = max(1, int(settings.LABSITE["POLL_INTERVAL_SECONDS"] * 500))
 
     def poll() -> None:
-        client.set(recent, 1, px=half_interval_ms)
-        runner.host_poll(host_id)
+        client.set(_recent_poll_key(host_id), 1, px=half_interval_ms)
+        if runner.host_poll(host_id).get("freed"):
+            schedule(full=False, cpu=False)  # a run's end frees GPUs, never a host for CPU runs
 
     _one_at_a_time(f"poll:{host_id}", poll)
 
 
 @shared_task(name="experiments.tasks.poll_all", ignore_result=True)
 def poll_all() -> None:
-    for host_id in runner.hosts_to_poll():
-        poll_host.delay(host_id, tick=True)
+    """The timer's polls. A host polled less than half an interval ago (a watcher's wake-up)
+    is skipped: while runs end, ticks would mostly repeat those polls (a quarter of all polls
+    in the burst benchmark). Every host is still polled at least once per 1.5 intervals, which
+    keeps logs, metrics and GPUs fresh."""
+    host_ids = runner.hosts_to_poll()
+    if not host_ids:
+        return
+    recent = _redis().mget([_recent_poll_key(h) for h in host_ids])
+    for host_id, polled in zip(host_ids, recent, strict=True):
+        if polled is None:
+            poll_host.delay(host_id)
 
 
 @shared_task(name="experiments.tasks.cancel_run", ignore_result=True)

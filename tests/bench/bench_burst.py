@@ -25,7 +25,7 @@ from django.contrib.auth import get_user_model  # noqa: E402
 from django.db import connection  # noqa: E402
 
 from clusters.models import Host  # noqa: E402
-from clusters.services import host_probe  # noqa: E402
+from clusters.services import host_ensure_local, host_probe  # noqa: E402
 from experiments import services  # noqa: E402
 from experiments.actors import Actor  # noqa: E402
 from experiments.models import GpuLease, Run  # noqa: E402
@@ -60,6 +60,8 @@ def main() -> None:
                 identity_file=str(h.key_path),
             )
             assert host_probe(host.pk)[1] == "online"
+        # Only the two GPU hosts: the server itself is no host here (it would be polled too).
+        host_ensure_local()
         Host.objects.filter(name="local").update(enabled=False)
         # The timers not under study run at their shipped defaults (settings.py), not at the
         # test harness's fast ones: the full pass every 5 s, the reconcile pass every 60 s.

@@ -43,21 +43,43 @@ def test_one_at_a_time_serves_a_request_that_came_during_a_run(db):
 
 
 def test_a_timer_poll_right_after_another_poll_is_skipped(db, settings, monkeypatch):
-    """GIVEN a host polled a moment ago (a watcher's wake-up) WHEN the timer's poll arrives
-    within half an interval THEN it is skipped; wake-up polls never are, and the timer's poll
-    runs again once half an interval has passed (a host is polled at least every 1.5 ticks)."""
+    """GIVEN a host polled a moment ago (a watcher's wake-up) WHEN the timer's polls are sent
+    within half an interval THEN that host is skipped and the others are polled; once half an
+    interval has passed it is polled again (so at least once every 1.5 ticks)."""
     from experiments import runner, tasks
     from tests.harness.worker import redis_test_client
 
     redis_test_client().flushdb()
     settings.LABSITE = {**settings.LABSITE, "POLL_INTERVAL_SECONDS": 1.0}
-    polled: list[str] = []
-    monkeypatch.setattr(runner, "host_poll", lambda host_id: polled.append(host_id))
+    polled: list[int] = []
+    sent: list[int] = []
+    monkeypatch.setattr(runner, "host_poll", lambda host_id: polled.append(host_id) or {})
+    monkeypatch.setattr(runner, "hosts_to_poll", lambda: [7, 8])
+    monkeypatch.setattr(tasks.poll_host, "delay", lambda host_id: sent.append(host_id))
     tasks.poll_host(7)
-    tasks.poll_host(7, tick=True)
-    tasks.poll_host(8, tick=True)  # another host: its own clock
-    tasks.poll_host(7)
-    assert polled == [7, 8, 7]
+    tasks.poll_all()
+    assert (polled, sent) == ([7], [8])
     time.sleep(0.6)
-    tasks.poll_host(7, tick=True)
-    assert polled == [7, 8, 7, 7]
+    tasks.poll_all()
+    assert sent == [8, 7, 8]
+
+
+def test_a_poll_that_saw_runs_end_runs_the_quick_pass_itself(db, monkeypatch):
+    """GIVEN a poll that finds runs ended (GPUs freed) WHEN the poll task finishes THEN it runs
+    one quick, GPU-only scheduler pass itself, with no second task; a poll that freed nothing
+    runs none."""
+    from experiments import runner, scheduler, tasks
+    from tests.harness.worker import redis_test_client
+
+    redis_test_client().flushdb()
+    passes: list[dict] = []
+    monkeypatch.setattr(
+        scheduler,
+        "schedule_pass",
+        lambda **kw: passes.append(kw) or {"placed": 0, "waiting": 0, "expired": 0},
+    )
+    monkeypatch.setattr(runner, "host_poll", lambda host_id: {"runs": 2, "freed": host_id == 1})
+    tasks.poll_host(2)
+    assert passes == []
+    tasks.poll_host(1)
+    assert passes == [{"full": False, "cpu": False}]
