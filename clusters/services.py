@@ -231,13 +231,18 @@ def slurm_detect() -> Host | None:
 
 def gpu_policy_for(host: Host) -> gpu_lib.GpuPolicy:
     """The host's thresholds, falling back to the lab defaults."""
+    return gpu_policy(host.gpu_free_max_mem_mb, host.gpu_free_max_util_pct)
+
+
+def gpu_policy(max_mem_mb: int | None, max_util_pct: int | None) -> gpu_lib.GpuPolicy:
+    """A host's overrides (None: not overridden) over the lab defaults."""
     lab = settings.LABSITE
     return gpu_lib.GpuPolicy(
-        max_memory_used_mb=host.gpu_free_max_mem_mb
-        if host.gpu_free_max_mem_mb is not None
+        max_memory_used_mb=max_mem_mb
+        if max_mem_mb is not None
         else int(lab["GPU_FREE_MAX_MEM_MB"]),
-        max_utilization_pct=host.gpu_free_max_util_pct
-        if host.gpu_free_max_util_pct is not None
+        max_utilization_pct=max_util_pct
+        if max_util_pct is not None
         else int(lab["GPU_FREE_MAX_UTIL_PCT"]),
     )
 
