@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
+from django.utils import timezone
 
 from clusters.services import host_ensure_local
 from experiments import runner, scheduler, services
@@ -189,3 +191,36 @@ def test_a_run_stopped_while_launching_never_starts(member, tmp_path, monkeypatc
     assert not late.exists(), "the stopped run's command ran"
     done = Run.objects.get(pk=run.pk)
     assert (done.status, done.reason, done.pid) == ("stopped", "user_stop", None)
+
+
+@pytest.mark.django_db
+def test_a_dispatch_on_its_way_is_not_sent_twice_and_a_lost_one_is(member, tmp_path, monkeypatch):
+    """GIVEN a run just placed, its dispatch not yet on the host WHEN a poll finds it missing
+    THEN the dispatch is not sent again (it is on its way); WHEN it is still missing after
+    runner.DISPATCH_RESEND_AFTER THEN it was lost, and the poll sends it again."""
+    sent: list[tuple[str, tuple[Any, ...]]] = []
+    monkeypatch.setattr(services, "enqueue", lambda name, *args, **kw: sent.append((name, args)))
+    host = host_ensure_local()
+    host.enabled, host.run_root = True, str(tmp_path / "runs")
+    host.save(update_fields=["enabled", "run_root"])
+    actor = Actor(kind="user", user=member.user)
+    run = services.run_create(
+        actor=actor, command="true", host=host, gpus=0, auto_start=True, kick=False
+    )
+    scheduler.schedule_pass()
+    assert Run.objects.get(pk=run.pk).status == "launching"
+    runner.host_poll(host.id)
+    assert ("experiments.tasks.dispatch_run", (run.id,)) not in sent
+    assert Run.objects.get(pk=run.pk).status == "launching"  # waiting, not lost
+    late = timezone.now() - runner.DISPATCH_RESEND_AFTER - timedelta(seconds=1)
+    Run.objects.filter(pk=run.pk).update(launched_at=late)
+    runner.host_poll(host.id)
+    assert sent.count(("experiments.tasks.dispatch_run", (run.id,))) == 1
+    runner.run_dispatch(run.id)  # the resent dispatch arrives: the run starts, once
+    done = wait_for(
+        lambda: (
+            runner.host_poll(host.id) and (r := Run.objects.get(pk=run.pk)).status in TERMINAL and r
+        ),
+        timeout=30,
+    )
+    assert (done.status, done.exit_code, done.dispatch_attempts) == ("finished", 0, 1)
