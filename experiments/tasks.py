@@ -92,8 +92,7 @@ def poll_host(host_id: int) -> None:
     When the poll saw runs end, the quick pass that gives their GPUs to the next runs runs
     here, right after that poll: no second task, no trip through the broker, and not after
     the next poll (under a burst of ends the watcher asks for another poll before this one
-    is done). The pass touches only the database, so holding the host's poll lock across it
-    holds no SSH I/O.
+    is done). The pass touches only the database: the scheduler lock never spans SSH I/O.
     """
     client = _redis()
     half_interval_ms = max(1, int(settings.LABSITE["POLL_INTERVAL_SECONDS"] * 500))
@@ -109,9 +108,9 @@ def poll_host(host_id: int) -> None:
 @shared_task(name="experiments.tasks.poll_all", ignore_result=True)
 def poll_all() -> None:
     """The timer's polls. A host polled less than half an interval ago (a watcher's wake-up)
-    is skipped: while runs end, ticks would mostly repeat those polls (a quarter of all polls
-    in the burst benchmark). Every host is still polled at least once per 1.5 intervals, which
-    keeps logs, metrics and GPUs fresh."""
+    is skipped: while runs end, a tick would mostly repeat the poll the watcher just asked for.
+    Every host is still polled at least once per 1.5 intervals, which keeps logs, metrics and
+    GPUs fresh."""
     host_ids = runner.hosts_to_poll()
     if not host_ids:
         return
