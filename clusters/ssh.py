@@ -21,6 +21,13 @@ import paramiko
 from clusters.executors import Result, Stream, TransportError
 
 log = logging.getLogger(__name__)
+# What a broken or refused SSH connection raises (paramiko, the socket, a closed transport).
+_IO_ERRORS = (OSError, paramiko.SSHException, EOFError)
+
+
+def _failed(name: str, exc: BaseException) -> TransportError:
+    return TransportError(f"{name}: {type(exc).__name__}: {exc}")
+
 
 MAX_CHANNELS = 8
 CONNECT_TIMEOUT = 10.0
@@ -100,7 +107,7 @@ class _Connection:
                 self.opened_at = time.monotonic()
             except HostKeyMismatch:
                 raise
-            except (OSError, paramiko.SSHException, EOFError) as exc:
+            except _IO_ERRORS as exc:
                 self.failures += 1
                 self.retry_at = now + min(30.0, 0.5 * 2 ** min(self.failures, 6))
                 raise TransportError(f"{self.target.name}: cannot connect: {exc}") from exc
@@ -186,48 +193,55 @@ class SshTransport:
         )
 
     def run(self, interpreter: str, script: str, timeout: float) -> Result:
-        conn = _connection(self.target)
         # Python isolated and without site: a host's PYTHONPATH, PYTHONSTARTUP or a conda
         # env's .pth files can neither change the poll nor slow each one (~30 % of its start).
         command = "bash -s" if interpreter == "bash" else "python3 -I -S -"
-        if not conn.channels.acquire(timeout=timeout):
-            raise TransportError(f"{self.target.name}: no free SSH channel within {timeout:g} s")
+        conn = self._slot(timeout)
         try:
-            transport = conn.transport()
+            channel = self._start(conn, command, script, timeout)
             try:
-                channel = transport.open_session(timeout=timeout)
-                channel.settimeout(timeout)
-                channel.exec_command(command)
-                channel.sendall(script.encode())
                 channel.shutdown_write()
                 stdout, stderr = _drain(channel, timeout)
                 code = channel.recv_exit_status()
                 channel.close()
-            except (OSError, paramiko.SSHException, EOFError) as exc:
+            except _IO_ERRORS as exc:
                 conn.drop()
-                raise TransportError(f"{self.target.name}: {type(exc).__name__}: {exc}") from exc
+                raise _failed(self.target.name, exc) from exc
         finally:
             conn.channels.release()
         return Result(code, stdout.decode(errors="replace"), stderr.decode(errors="replace"))
 
     def stream(self, script: str, timeout: float) -> Stream:
         """A long-running bash script on its own channel; stdin stays open until close()."""
-        conn = _connection(self.target)
-        if not conn.channels.acquire(timeout=timeout):
-            raise TransportError(f"{self.target.name}: no free SSH channel within {timeout:g} s")
+        conn = self._slot(timeout)
         try:
-            transport = conn.transport()
-            channel = transport.open_session(timeout=timeout)
-            channel.exec_command("bash -s")
-            channel.sendall(script.encode())
-        except (OSError, paramiko.SSHException, EOFError) as exc:
-            conn.channels.release()
-            conn.drop()
-            raise TransportError(f"{self.target.name}: {type(exc).__name__}: {exc}") from exc
+            channel = self._start(conn, "bash -s", script, timeout)
         except BaseException:
             conn.channels.release()
             raise
         return _SshStream(self.target.name, conn, channel)
+
+    def _slot(self, timeout: float) -> _Connection:
+        """The host's pooled connection, with one of its channel slots held for the caller."""
+        conn = _connection(self.target)
+        if not conn.channels.acquire(timeout=timeout):
+            raise TransportError(f"{self.target.name}: no free SSH channel within {timeout:g} s")
+        return conn
+
+    def _start(
+        self, conn: _Connection, command: str, script: str, timeout: float
+    ) -> paramiko.Channel:
+        """A channel running `command` with `script` sent on its stdin; a broken connection
+        is dropped from the pool (the next call reconnects)."""
+        try:
+            channel = conn.transport().open_session(timeout=timeout)
+            channel.settimeout(timeout)
+            channel.exec_command(command)
+            channel.sendall(script.encode())
+        except _IO_ERRORS as exc:
+            conn.drop()
+            raise _failed(self.target.name, exc) from exc
+        return channel
 
 
 class _SshStream(Stream):
@@ -242,8 +256,8 @@ class _SshStream(Stream):
             return bytes(self.channel.recv(1 << 16))
         except TimeoutError:
             return None
-        except (OSError, paramiko.SSHException, EOFError) as exc:
-            raise TransportError(f"{self.name}: {type(exc).__name__}: {exc}") from exc
+        except _IO_ERRORS as exc:
+            raise _failed(self.name, exc) from exc
 
     def close(self) -> None:
         if not self.closed:

@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -20,6 +18,7 @@ from clusters.services import inventory_refresh_local, local_pid_runs
 from experiments import runner, scheduler, selectors, services
 from experiments.actors import Actor
 from experiments.models import GpuLease, Run, RunEvent
+from tests.harness.worker import wait_for
 
 pytestmark = pytest.mark.gpu
 
@@ -64,16 +63,6 @@ else:
     sys.stdin.read()
 """
 )
-
-
-def wait_for(what: str, check: Callable[[], Any], timeout: float = 30.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
 
 
 @pytest.fixture
@@ -134,7 +123,9 @@ def test_a_foreign_process_is_seen_by_nvml_and_nvidia_smi_and_its_gpu_is_busy(fo
         state = next(g for g in gpus.read_nvml() if g.uuid == last.uuid)
         return {p.pid: p.used_memory_mb for p in state.processes}
 
-    seen = wait_for("NVML to list the holder", lambda: foreign.pid in nvml_pids() and nvml_pids())
+    seen = wait_for(
+        lambda: foreign.pid in nvml_pids() and nvml_pids(), what="NVML listing the holder"
+    )
     assert seen[foreign.pid] >= 2048, seen
 
     _, report = Executor(LocalTransport()).poll([], gpu=True)
@@ -156,7 +147,7 @@ def test_a_foreign_process_is_seen_by_nvml_and_nvidia_smi_and_its_gpu_is_busy(fo
     assert foreign.stdin is not None
     foreign.stdin.close()
     foreign.wait(timeout=30)
-    wait_for("NVML to drop the holder", lambda: foreign.pid not in nvml_pids())
+    wait_for(lambda: foreign.pid not in nvml_pids(), what="NVML dropping the holder")
     inventory_refresh_local()
     gpu.refresh_from_db()
     assert gpu.processes == [], gpu.processes
@@ -180,10 +171,10 @@ def test_a_pinned_run_sees_exactly_its_gpu(tmp_path):
         )
     )
     report = wait_for(
-        "the probe to exit",
         lambda: (
             (r := ex.poll([RunRef("gpupin", str(tmp_path))])[0]["gpupin"]).state == "exited" and r
         ),
+        what="the probe exiting",
     )
     output = report.log_chunk.decode()
     assert report.exit_code == 0, output
@@ -219,7 +210,7 @@ def test_a_gpu_run_is_placed_pinned_confirmed_and_released(tmp_path, member):
         runner.host_poll(host.id)
         return RunEvent.objects.filter(run=run, reason="gpu_confirmed").exists()
 
-    wait_for("the poll to confirm the run on its GPU", confirmed)
+    wait_for(confirmed, what="the poll confirming the run on its GPU")
     event = RunEvent.objects.get(run=run, reason="gpu_confirmed")
     assert f"GPU {lease.gpu.index} of local" in event.message, event.message
     assert not run.alerts.exists(), list(run.alerts.values_list("message", flat=True))
@@ -229,7 +220,7 @@ def test_a_gpu_run_is_placed_pinned_confirmed_and_released(tmp_path, member):
         r = Run.objects.get(pk=run.pk)
         return r if r.status not in ("launching", "running") else None
 
-    done = wait_for("the run to end", ended)
+    done = wait_for(ended, what="the run ending")
     assert done.status == "finished", (done.status, done.error)
     assert "HOLDING" in (Path(runner.log_path(run.id)).read_text()), "the run never held its GPU"
     assert not GpuLease.objects.filter(run=run, released_at__isnull=True).exists()

@@ -6,6 +6,7 @@ import os
 import time
 from datetime import timedelta
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -161,28 +162,46 @@ def test_stop_of_a_queued_run_never_starts_it(local, member):
     assert Run.objects.get(pk=run_id).status == "stopped"
 
 
-@pytest.mark.django_db
-def test_a_run_stopped_while_launching_never_starts(member, tmp_path, monkeypatch):
-    """GIVEN a launching run whose dispatch has not reached the host (a host cut off, a broker
-    hiccup) WHEN it is stopped and then a late dispatch and a poll arrive before the cancel
-    THEN neither starts its command: the poll sends the cancel, which records `stopped`.
-    (The ssh tier saw this race: a tick poll re-sent the dispatch before the cancel ran.)"""
-    sent: list[tuple[str, tuple[Any, ...]]] = []
-    monkeypatch.setattr(services, "enqueue", lambda name, *args, **kw: sent.append((name, args)))
+@pytest.fixture
+def sent(monkeypatch) -> list[tuple[str, tuple[Any, ...]]]:
+    """The tasks the code under test sends (name, args), recorded instead of queued."""
+    tasks: list[tuple[str, tuple[Any, ...]]] = []
+    monkeypatch.setattr(services, "enqueue", lambda name, *args, **kw: tasks.append((name, args)))
+    return tasks
+
+
+@pytest.fixture
+def placed(member, tmp_path, sent):
+    """`placed.run(command)`: a CPU run on `placed.host` (local), placed (launching) and not
+    dispatched yet; no worker runs, so each test says when a dispatch or a poll arrives."""
     host = host_ensure_local()
     host.enabled, host.run_root = True, str(tmp_path / "runs")
     host.save(update_fields=["enabled", "run_root"])
     actor = Actor(kind="user", user=member.user)
+
+    def make(command: str) -> Run:
+        run = services.run_create(
+            actor=actor, command=command, host=host, gpus=0, auto_start=True, kick=False
+        )
+        scheduler.schedule_pass()
+        assert Run.objects.get(pk=run.pk).status == "launching"
+        return run
+
+    return SimpleNamespace(host=host, actor=actor, run=make)
+
+
+@pytest.mark.django_db
+def test_a_run_stopped_while_launching_never_starts(placed, sent, tmp_path):
+    """GIVEN a launching run whose dispatch has not reached the host (a host cut off, a broker
+    hiccup) WHEN it is stopped and then a late dispatch and a poll arrive before the cancel
+    THEN neither starts its command: the poll sends the cancel, which records `stopped`.
+    (The ssh tier saw this race: a tick poll re-sent the dispatch before the cancel ran.)"""
     late = tmp_path / "late-executed"
-    run = services.run_create(
-        actor=actor, command=f"touch {late}", host=host, gpus=0, auto_start=True, kick=False
-    )
-    scheduler.schedule_pass()
-    assert Run.objects.get(pk=run.pk).status == "launching"
-    services.run_stop(run=Run.objects.get(pk=run.pk), actor=actor)
+    run = placed.run(f"touch {late}")
+    services.run_stop(run=Run.objects.get(pk=run.pk), actor=placed.actor)
 
     runner.run_dispatch(run.id)  # sent before the stop, delivered after it
-    runner.host_poll(host.id)  # finds the run missing on the host
+    runner.host_poll(placed.host.id)  # finds the run missing on the host
     assert ("experiments.tasks.cancel_run", (run.id,)) in sent
     assert ("experiments.tasks.dispatch_run", (run.id,)) not in sent
     runner.run_cancel(run.id)
@@ -194,21 +213,11 @@ def test_a_run_stopped_while_launching_never_starts(member, tmp_path, monkeypatc
 
 
 @pytest.mark.django_db
-def test_a_dispatch_on_its_way_is_not_sent_twice_and_a_lost_one_is(member, tmp_path, monkeypatch):
+def test_a_dispatch_on_its_way_is_not_sent_twice_and_a_lost_one_is(placed, sent):
     """GIVEN a run just placed, its dispatch not yet on the host WHEN a poll finds it missing
     THEN the dispatch is not sent again (it is on its way); WHEN it is still missing after
     runner.DISPATCH_RESEND_AFTER THEN it was lost, and the poll sends it again."""
-    sent: list[tuple[str, tuple[Any, ...]]] = []
-    monkeypatch.setattr(services, "enqueue", lambda name, *args, **kw: sent.append((name, args)))
-    host = host_ensure_local()
-    host.enabled, host.run_root = True, str(tmp_path / "runs")
-    host.save(update_fields=["enabled", "run_root"])
-    actor = Actor(kind="user", user=member.user)
-    run = services.run_create(
-        actor=actor, command="true", host=host, gpus=0, auto_start=True, kick=False
-    )
-    scheduler.schedule_pass()
-    assert Run.objects.get(pk=run.pk).status == "launching"
+    run, host = placed.run("true"), placed.host
     runner.host_poll(host.id)
     assert ("experiments.tasks.dispatch_run", (run.id,)) not in sent
     assert Run.objects.get(pk=run.pk).status == "launching"  # waiting, not lost

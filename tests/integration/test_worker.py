@@ -64,22 +64,43 @@ def test_a_timer_poll_right_after_another_poll_is_skipped(db, settings, monkeypa
     assert sent == [8, 7, 8]
 
 
-def test_a_poll_that_saw_runs_end_runs_the_quick_pass_itself(db, monkeypatch):
-    """GIVEN a poll that finds runs ended (GPUs freed) WHEN the poll task finishes THEN it runs
-    one quick, GPU-only scheduler pass itself, with no second task; a poll that freed nothing
-    runs none."""
-    from experiments import runner, scheduler, tasks
+def test_a_poll_that_saw_runs_end_runs_the_quick_pass_itself(member, monkeypatch):
+    """GIVEN a queued GPU run and a free GPU WHEN a poll finds that runs ended (GPUs freed)
+    THEN the poll task runs one quick, GPU-only scheduler pass itself (the real one, which
+    places the run), with no second task; a poll that freed nothing runs none. Only the host's
+    answer is stubbed: this is about what the task does with it."""
+    from clusters.models import Host
+    from experiments import runner, scheduler, services, tasks
+    from experiments.actors import Actor
+    from experiments.models import GpuLease, Run
+    from tests.factories import GpuFactory
     from tests.harness.worker import redis_test_client
 
     redis_test_client().flushdb()
-    passes: list[dict] = []
-    monkeypatch.setattr(
-        scheduler,
-        "schedule_pass",
-        lambda **kw: passes.append(kw) or {"placed": 0, "waiting": 0, "expired": 0},
+    host = Host.objects.create(
+        name="node-a", kind="ssh", hostname="10.0.0.1", state="online", gpu_source="nvidia-smi"
     )
+    gpu = GpuFactory(host=host, index=0)
+    run = services.run_create(
+        actor=Actor(kind="user", user=member.user),
+        command="train",
+        gpuwrap_config={"enabled": True},
+        auto_start=True,
+        kick=False,
+    )
+    passes: list[dict] = []
+    real_pass = scheduler.schedule_pass
+    monkeypatch.setattr(
+        scheduler, "schedule_pass", lambda **kw: passes.append(kw) or real_pass(**kw)
+    )
+    sent: list[str] = []
+    monkeypatch.setattr(services, "enqueue", lambda name, *args, **kw: sent.append(name))
     monkeypatch.setattr(runner, "host_poll", lambda host_id: {"runs": 2, "freed": host_id == 1})
     tasks.poll_host(2)
     assert passes == []
+    assert Run.objects.get(pk=run.pk).status == "queued"
     tasks.poll_host(1)
     assert passes == [{"full": False, "cpu": False}]
+    assert Run.objects.get(pk=run.pk).status == "launching"
+    assert GpuLease.objects.get(run=run, released_at__isnull=True).gpu_id == gpu.id
+    assert "experiments.tasks.schedule" not in sent
