@@ -10,6 +10,7 @@ from django.core.exceptions import ValidationError
 from clusters.models import Host
 from experiments.choices import PlanStatus, RunStatus
 from experiments.models import Plan, Sweep
+from labsite.api import KEY_PATTERN
 
 # Names the services use in their ValidationError dicts -> this module's field names.
 SERVICE_FIELD_ALIASES = {"plan_id": "plan", "sweep_id": "sweep", "gpuwrap_config": "pin_gpus"}
@@ -28,7 +29,17 @@ def add_service_errors(form: forms.Form, exc: ValidationError) -> None:
             form.add_error(None, [f"{key}: {message}" for message in errors])
 
 
-class PlanChoiceField(forms.ModelChoiceField):
+class KeyChoiceField(forms.ModelChoiceField):
+    """A choice by id or name; a key no object could have (NUL...) is invalid without a query,
+    since PostgreSQL answers NUL with an error rather than with no rows."""
+
+    def to_python(self, value: Any) -> Any:
+        if value not in self.empty_values and not KEY_PATTERN.fullmatch(str(value)):
+            raise ValidationError(self.error_messages["invalid_choice"], code="invalid_choice")
+        return super().to_python(value)
+
+
+class PlanChoiceField(KeyChoiceField):
     def label_from_instance(self, obj: Any) -> str:
         return f"{obj.title} ({obj.get_status_display().lower()})"
 
@@ -59,14 +70,14 @@ class RunForm(forms.Form):
         label="Pick free GPUs and pin them",
         help_text="Sets CUDA_VISIBLE_DEVICES to GPUs nobody else is using (when GPUs > 0).",
     )
-    host = forms.ModelChoiceField(
+    host = KeyChoiceField(
         queryset=Host.objects.filter(enabled=True),
         required=False,
         to_field_name="name",
         empty_label="Any host",
         help_text="Leave on 'Any host' to let the scheduler choose.",
     )
-    sweep = forms.ModelChoiceField(
+    sweep = KeyChoiceField(
         queryset=Sweep.objects.order_by("-created_at"), required=False, empty_label="No sweep"
     )
     plan = PlanChoiceField(

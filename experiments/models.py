@@ -45,6 +45,9 @@ class Plan(models.Model):
     review_comment = models.TextField(blank=True)
     decided_at = models.DateTimeField(null=True, blank=True)
     gpu_hours_budget = models.FloatField(null=True, blank=True)
+    # Approved by its own author (a PI): allowed unless LABSITE_PI_SELF_APPROVAL is off, and
+    # shown, since nobody else reviewed it.
+    self_approved = models.BooleanField(default=False)
     submitted_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True, db_index=True)
     updated_at = models.DateTimeField(auto_now=True)

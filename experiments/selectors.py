@@ -8,12 +8,14 @@ from typing import Any
 
 from django.conf import settings
 from django.db.models import Count, Prefetch, Q, QuerySet
+from django.db.models.functions import Length, Substr
 
 from clusters.choices import HostKind
 from clusters.models import Gpu, Host
 from clusters.services import gpu_policy_for
 from experiments.choices import RunStatus
 from experiments.models import Alert, GpuLease, Run, RunEvent, Sweep
+from labsite.validation import lab_limit
 
 GPU_FREE = "free"
 GPU_LEASED = "leased"
@@ -29,6 +31,15 @@ def runs_list() -> QuerySet[Run]:
             queryset=GpuLease.objects.filter(released_at__isnull=True).select_related("gpu"),
             to_attr="active_leases",
         )
+    )
+
+
+def run_summaries(queryset: QuerySet[Run]) -> QuerySet[Run]:
+    """Runs as list rows show them: the head of each command and its length, never all of it
+    (commands run to LABSITE_MAX_COMMAND_LENGTH; a page of whole ones would be megabytes)."""
+    return queryset.defer("command").annotate(
+        command_head=Substr("command", 1, lab_limit("LIST_COMMAND_CHARS")),
+        command_length=Length("command"),
     )
 
 

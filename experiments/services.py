@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import re
 import shlex
 from collections.abc import Iterable, Mapping
@@ -15,6 +16,8 @@ from django.db import transaction
 from django.db.models import F, Q
 from django.utils import timezone
 
+from clusters import localuser
+from clusters.choices import HostKind
 from clusters.models import Host
 from experiments.actors import Actor
 from experiments.choices import (
@@ -42,13 +45,20 @@ from experiments.models import (
     Run,
     RunEvent,
     Sweep,
+    new_id,
 )
 from labsite import roles
 from labsite.errors import Conflict
+from labsite.validation import INT32_MAX, check_int, check_size, lab_limit
 
 log = logging.getLogger(__name__)
 
 GPUWRAP_KEYS = {"enabled", "retries", "retry_delay_seconds"}
+MAX_RETRY_DELAY_SECONDS = 86400
+MAX_GPUS_PER_RUN = 64
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# What the launcher sets for a run it pinned to GPUs; the run's own env must not undo it.
+GPU_PINNING_ENV = frozenset({"CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER"})
 
 
 # --- runs: the one way a status changes -------------------------------------------------
@@ -177,27 +187,175 @@ def validate_gpuwrap_config(config: Any) -> dict[str, Any]:
     if not isinstance(enabled, bool):
         raise ValidationError({"gpuwrap_config": "enabled must be true or false"})
     retries = config.get("retries", -1)
-    if isinstance(retries, bool) or not isinstance(retries, int) or retries < -1:
-        raise ValidationError({"gpuwrap_config": "retries must be an integer >= -1"})
+    if isinstance(retries, bool) or not isinstance(retries, int) or not -1 <= retries <= INT32_MAX:
+        raise ValidationError(
+            {"gpuwrap_config": f"retries must be an integer from -1 to {INT32_MAX}"}
+        )
     delay = config.get("retry_delay_seconds", 30)
-    if isinstance(delay, bool) or not isinstance(delay, int | float) or delay < 0:
-        raise ValidationError({"gpuwrap_config": "retry_delay_seconds must be a number >= 0"})
+    if (
+        isinstance(delay, bool)
+        or not isinstance(delay, int | float)
+        or not 0 <= delay <= MAX_RETRY_DELAY_SECONDS
+    ):
+        raise ValidationError(
+            {
+                "gpuwrap_config": "retry_delay_seconds must be a number from 0 to "
+                f"{MAX_RETRY_DELAY_SECONDS}"
+            }
+        )
     return {"enabled": enabled, "retries": retries, "retry_delay_seconds": delay}
 
 
-def _check_env(env: Any) -> dict[str, str]:
+def _check_env(env: Any, *, leases_gpus: bool) -> dict[str, str]:
+    """The run's own environment: valid names, none of Labsite's, within the lab's limits."""
     if env is None:
         return {}
     if not isinstance(env, dict):
         raise ValidationError({"env": "must be an object of NAME: value"})
+    check_size("env", len(env), "MAX_ENV_VARS", "variables", verb="has")
     clean = {}
     for key, value in env.items():
-        if not isinstance(key, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+        if not isinstance(key, str) or not ENV_NAME.fullmatch(key):
             raise ValidationError({"env": f"{key!r} is not a valid environment variable name"})
+        if key.startswith("LABSITE_"):
+            raise ValidationError({"env": f"{key}: LABSITE_* variables are Labsite's own"})
+        if leases_gpus and key in GPU_PINNING_ENV:
+            raise ValidationError(
+                {
+                    "env": f"{key}: Labsite pins the GPUs of a run that leases them (gpus > 0 or "
+                    "gpuwrap enabled); leave it out"
+                }
+            )
         if not isinstance(value, str | int | float | bool):
             raise ValidationError({"env": f"{key}: values must be strings or numbers"})
         clean[key] = str(value)
+    size = sum(len(f"{key}={value}".encode()) for key, value in clean.items())
+    check_size("env", size, "MAX_ENV_BYTES", "bytes")
     return clean
+
+
+def _name_limit(model: type[Any]) -> int:
+    column: int = model._meta.get_field("name").max_length
+    return min(lab_limit("MAX_NAME_LENGTH"), column)
+
+
+def _check_name(field: str, name: str, model: type[Any]) -> str:
+    name = (name or "").strip()
+    check_size(field, len(name), "MAX_NAME_LENGTH", "characters", most=_name_limit(model))
+    return name
+
+
+def _check_command(field: str, command: str) -> str:
+    command = (command or "").strip()
+    if not command:
+        raise ValidationError({field: "must not be empty"})
+    check_size(field, len(command), "MAX_COMMAND_LENGTH", "characters")
+    return command
+
+
+def _require_link(actor: Actor, target: Plan | Sweep | None) -> None:
+    """Work goes under a plan or sweep only by its owner, a PI or an admin: a member borrowing
+    another's approved plan would skip review and spend that plan's GPU-hour budget."""
+    if target is None:
+        return
+    owner_id = target.author_id if isinstance(target, Plan) else target.created_by_id
+    if not roles.can_act_on(actor.user, owner_id):
+        what = "plan" if isinstance(target, Plan) else "sweep"
+        raise PermissionDenied(
+            f"{what} {target.pk} is not yours: only its owner, a PI or an admin may add work to it"
+        )
+
+
+def _run_spec(
+    *,
+    actor: Actor,
+    sweep: Sweep | None,
+    plan: Plan | None,
+    workdir: str,
+    env: Mapping[str, Any] | None,
+    gpus: int | None,
+    min_free_mem_mb: int | None,
+    gpuwrap_config: Mapping[str, Any] | None,
+    host: Host | None,
+    priority: int,
+    chat_session_id: str,
+    auto_start: bool,
+    parent: Run | None,
+) -> dict[str, Any]:
+    """The checked fields that runs created together share (one run, or a grid's runs)."""
+    wrap = validate_gpuwrap_config(gpuwrap_config)
+    if gpus is None:
+        gpus = 1 if wrap.get("enabled") else 0
+    check_int("gpus", gpus, minimum=0, maximum=MAX_GPUS_PER_RUN)
+    check_int("min_free_mem_mb", min_free_mem_mb, minimum=0)
+    check_int("priority", priority, minimum=-INT32_MAX)
+    if host is not None and not host.enabled:
+        raise ValidationError({"host": f"host {host.name} is disabled"})
+    if (
+        host is not None
+        and host.kind == HostKind.LOCAL
+        and not localuser.members_may_run_locally()
+        and not roles.is_admin(actor.user)
+    ):
+        raise ValidationError({"host": localuser.admins_only_reason()})
+    clean_env = _check_env(env, leases_gpus=gpus > 0 or bool(wrap.get("enabled")))
+    effective_plan = _effective_plan(plan=plan, sweep=sweep)
+    for target in {id(t): t for t in (sweep, plan, effective_plan) if t is not None}.values():
+        _require_link(actor, target)
+    _check_plan_link(effective_plan)
+    if settings.LABSITE["REQUIRE_PLAN_FOR_GPU_WORK"] and gpus > 0 and effective_plan is None:
+        raise ValidationError(
+            {"plan_id": "this lab requires a plan for GPU work: create one and pass plan_id"}
+        )
+    status = _start_status(effective_plan) if auto_start else RunStatus.READY
+    return {
+        "workdir": workdir or "",
+        "env": clean_env,
+        "sweep": sweep,
+        "plan": plan,
+        "status": status,
+        "reason": RunReason.PLAN_NOT_APPROVED if status == RunStatus.HELD else "",
+        "priority": priority,
+        "gpus": gpus,
+        "min_free_mem_mb": min_free_mem_mb,
+        "gpuwrap_config": wrap,
+        "host": host,
+        "host_pinned": host is not None,
+        "chat_session_id": chat_session_id or (sweep.chat_session_id if sweep else ""),
+        "created_by": actor.user,
+        "parent": parent,
+        **({STATE_TIMESTAMP[status]: timezone.now()} if status in STATE_TIMESTAMP else {}),
+    }
+
+
+def _new_run(
+    spec: Mapping[str, Any],
+    *,
+    command: str,
+    name: str,
+    params: Mapping[str, Any] | None,
+    run_id: str | None = None,
+) -> Run:
+    """An unsaved run from a spec; the command and name are checked here, per run."""
+    command = _check_command("command", command)
+    name = _check_name("name", name, Run) or command.split()[0][: _name_limit(Run)]
+    run = Run(**spec, command=command, name=name, params=dict(params or {}))
+    if run_id is not None:
+        run.id = run_id
+    return run
+
+
+def _created_event(run: Run, *, actor: Actor) -> RunEvent:
+    return RunEvent(
+        run=run,
+        from_status="",
+        to_status=run.status,
+        reason="rerun" if run.parent_id else "created",
+        message=f"rerun of {run.parent_id}" if run.parent_id else "",
+        actor_kind=actor.kind,
+        actor_user_id=actor.user_id,
+        actor_token=actor.token,
+    )
 
 
 def run_create(
@@ -220,61 +378,29 @@ def run_create(
     parent: Run | None = None,
     kick: bool = True,
 ) -> Run:
-    """A run: `queued` (`held` behind an unapproved plan) with auto_start, else `ready`."""
-    command = (command or "").strip()
-    if not command:
-        raise ValidationError({"command": "must not be empty"})
-    wrap = validate_gpuwrap_config(gpuwrap_config)
-    if gpus is None:
-        gpus = 1 if wrap.get("enabled") else 0
-    if gpus < 0:
-        raise ValidationError({"gpus": "must be 0 or more"})
-    if min_free_mem_mb is not None and min_free_mem_mb < 0:
-        raise ValidationError({"min_free_mem_mb": "must be 0 or more"})
-    if host is not None and not host.enabled:
-        raise ValidationError({"host": f"host {host.name} is disabled"})
-    clean_env = _check_env(env)
-    effective_plan = _effective_plan(plan=plan, sweep=sweep)
-    _check_plan_link(effective_plan)
-    if settings.LABSITE["REQUIRE_PLAN_FOR_GPU_WORK"] and gpus > 0 and effective_plan is None:
-        raise ValidationError(
-            {"plan_id": "this lab requires a plan for GPU work: create one and pass plan_id"}
-        )
-    status = _start_status(effective_plan) if auto_start else RunStatus.READY
-    now = timezone.now()
+    """A run: `queued` (`held` behind an unapproved plan) with auto_start, else `ready`.
+
+    Linking it to a plan or sweep needs their owner, a PI or an admin (PermissionDenied)."""
+    spec = _run_spec(
+        actor=actor,
+        sweep=sweep,
+        plan=plan,
+        workdir=workdir,
+        env=env,
+        gpus=gpus,
+        min_free_mem_mb=min_free_mem_mb,
+        gpuwrap_config=gpuwrap_config,
+        host=host,
+        priority=priority,
+        chat_session_id=chat_session_id,
+        auto_start=auto_start,
+        parent=parent,
+    )
+    run = _new_run(spec, command=command, name=name, params=params)
     with transaction.atomic():
-        run = Run.objects.create(
-            name=(name or "").strip()[:200] or command.split()[0][:200],
-            command=command,
-            workdir=workdir or "",
-            env=clean_env,
-            sweep=sweep,
-            plan=plan,
-            params=dict(params or {}),
-            status=status,
-            reason=RunReason.PLAN_NOT_APPROVED if status == RunStatus.HELD else "",
-            priority=priority,
-            gpus=gpus,
-            min_free_mem_mb=min_free_mem_mb,
-            gpuwrap_config=wrap,
-            host=host,
-            host_pinned=host is not None,
-            chat_session_id=chat_session_id or (sweep.chat_session_id if sweep else ""),
-            created_by=actor.user,
-            parent=parent,
-            **{STATE_TIMESTAMP[status]: now} if status in STATE_TIMESTAMP else {},
-        )
-        RunEvent.objects.create(
-            run=run,
-            from_status="",
-            to_status=status,
-            reason="rerun" if parent else "created",
-            message=f"rerun of {parent.id}" if parent else "",
-            actor_kind=actor.kind,
-            actor_user_id=actor.user_id,
-            actor_token=actor.token,
-        )
-        if kick and status == RunStatus.QUEUED:
+        run.save(force_insert=True)
+        _created_event(run, actor=actor).save()
+        if kick and run.status == RunStatus.QUEUED:
             scheduler_kick()
     return run
 
@@ -375,6 +501,11 @@ def enqueue(task_name: str, *args: Any, **kwargs: Any) -> None:
 # --- sweeps ------------------------------------------------------------------------------
 
 
+def grid_size(parameters: Mapping[str, Any]) -> int:
+    """How many points the grid has: the product of its list lengths, nothing expanded."""
+    return math.prod(len(values) for values in parameters.values())
+
+
 def grid_points(parameters: Mapping[str, Any]) -> list[dict[str, Any]]:
     """Every combination of the parameter lists, in the order the keys were given."""
     keys = list(parameters)
@@ -398,6 +529,33 @@ def _check_parameters(parameters: Any) -> dict[str, list[Any]]:
     return clean
 
 
+def _check_grid_size(points: int, max_runs: int | None) -> None:
+    """Refuse a grid before expanding it: its size is known from the list lengths alone."""
+    most = lab_limit("MAX_GRID_POINTS")
+    if points > most:
+        raise ValidationError(
+            {
+                "parameters": f"the grid has {points} points; this lab allows at most {most} "
+                "per sweep (LABSITE_MAX_GRID_POINTS)"
+            }
+        )
+    most = lab_limit("MAX_RUNS_PER_REQUEST")
+    if points > most:
+        raise ValidationError(
+            {
+                "parameters": f"the grid has {points} points; this lab creates at most {most} "
+                "runs per request (LABSITE_MAX_RUNS_PER_REQUEST)"
+            }
+        )
+    if max_runs is not None and points > max_runs:
+        raise ValidationError(
+            {
+                "max_runs": f"the grid has {points} points, more than max_runs={max_runs}; "
+                "shrink the grid or raise max_runs"
+            }
+        )
+
+
 def _format_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -410,20 +568,35 @@ def grid_command(base_command: str, point: Mapping[str, Any]) -> str:
     return " ".join([base_command.strip(), *args])
 
 
+def _grid_run_ids(count: int) -> list[str]:
+    """Ids that sort in grid order: runs inserted in one statement can share a created_at,
+    and the sweep lists its runs by (created_at, id). A whole random id as the prefix keeps
+    two grids' ranges from meeting."""
+    prefix = new_id()
+    return [f"{prefix}{i:06x}" for i in range(count)]
+
+
 def _check_plan_link(plan: Plan | None) -> None:
     if plan is not None and plan.status in {PlanStatus.REJECTED, PlanStatus.ARCHIVED}:
         raise ValidationError({"plan_id": f"plan {plan.id} is {plan.status}"})
+
+
+def _check_sweep_fields(*, actor: Actor, name: str, plan: Plan | None) -> str:
+    name = _check_name("name", name, Sweep)
+    if not name:
+        raise ValidationError({"name": "must not be empty"})
+    _require_link(actor, plan)
+    _check_plan_link(plan)
+    return name
 
 
 def sweep_create_wild(
     *, actor: Actor, name: str, goal: str = "", chat_session_id: str = "", plan: Plan | None = None
 ) -> Sweep:
     """An empty sweep an agent fills with runs as it goes."""
-    if not (name or "").strip():
-        raise ValidationError({"name": "must not be empty"})
-    _check_plan_link(plan)
+    name = _check_sweep_fields(actor=actor, name=name, plan=plan)
     return Sweep.objects.create(
-        name=name.strip(),
+        name=name,
         goal=goal or "",
         kind=SweepKind.WILD,
         chat_session_id=chat_session_id or "",
@@ -445,47 +618,66 @@ def sweep_create_grid(
     plan: Plan | None = None,
     run_options: Mapping[str, Any] | None = None,
 ) -> Sweep:
-    """A sweep with one run per grid point; a grid larger than max_runs is refused, never cut."""
-    if not (name or "").strip():
-        raise ValidationError({"name": "must not be empty"})
-    if not (base_command or "").strip():
-        raise ValidationError({"base_command": "must not be empty"})
+    """A sweep with one run per grid point; a grid larger than max_runs is refused, never cut.
+
+    The runs and their "created" events are bulk inserts: the queries do not grow with the grid.
+    """
+    name = _check_sweep_fields(actor=actor, name=name, plan=plan)
+    base_command = _check_command("base_command", base_command)
     clean = _check_parameters(parameters)
-    _check_plan_link(plan)
-    points = grid_points(clean)
-    if max_runs is not None and len(points) > max_runs:
-        raise ValidationError(
-            {
-                "max_runs": f"the grid has {len(points)} points, more than max_runs={max_runs}; "
-                "shrink the grid or raise max_runs"
-            }
-        )
+    check_int("max_runs", max_runs, minimum=1)
+    _check_grid_size(grid_size(clean), max_runs)
     options = dict(run_options or {})
-    with transaction.atomic():
-        sweep = Sweep.objects.create(
-            name=name.strip(),
-            goal=goal or "",
-            kind=SweepKind.GRID,
-            base_command=base_command.strip(),
-            parameters=clean,
-            max_runs=max_runs,
-            chat_session_id=chat_session_id or "",
-            plan=plan,
-            created_by=actor.user,
-        )
-        for i, point in enumerate(points):
-            label = ",".join(f"{k}={_format_value(v)}" for k, v in point.items())
-            run_create(
-                actor=actor,
+    sweep = Sweep(
+        name=name,
+        goal=goal or "",
+        kind=SweepKind.GRID,
+        base_command=base_command,
+        parameters=clean,
+        max_runs=max_runs,
+        chat_session_id=chat_session_id or "",
+        plan=plan,
+        created_by=actor.user,
+    )
+    spec = _run_spec(
+        actor=actor,
+        sweep=sweep,
+        plan=None,
+        workdir=options.pop("workdir", ""),
+        env=options.pop("env", None),
+        gpus=options.pop("gpus", None),
+        min_free_mem_mb=options.pop("min_free_mem_mb", None),
+        gpuwrap_config=options.pop("gpuwrap_config", None),
+        host=options.pop("host", None),
+        priority=options.pop("priority", 0),
+        chat_session_id=chat_session_id,
+        auto_start=auto_start,
+        parent=None,
+    )
+    if options:
+        raise TypeError(f"unknown run options: {', '.join(sorted(options))}")
+    points = grid_points(clean)
+    runs = []
+    for i, (point, run_id) in enumerate(zip(points, _grid_run_ids(len(points)), strict=True)):
+        label = ",".join(f"{k}={_format_value(v)}" for k, v in point.items())
+        try:
+            run = _new_run(
+                spec,
                 command=grid_command(base_command, point),
-                name=f"{sweep.name}[{i}] {label}"[:200],
-                sweep=sweep,
+                name=f"{name}[{i}] {label}"[: _name_limit(Run)],
                 params=point,
-                auto_start=auto_start,
-                chat_session_id=chat_session_id,
-                kick=False,
-                **options,
+                run_id=run_id,
             )
+        except ValidationError as exc:
+            why = " ".join(exc.messages)
+            raise ValidationError(
+                {"base_command": f"grid point {i} ({label[:100]}): its command {why}"}
+            ) from exc
+        runs.append(run)
+    with transaction.atomic():
+        sweep.save(force_insert=True)
+        Run.objects.bulk_create(runs)
+        RunEvent.objects.bulk_create([_created_event(run, actor=actor) for run in runs])
         if auto_start:
             scheduler_kick()
     return sweep
@@ -635,21 +827,34 @@ def _plan_runs(plan: Plan, statuses: Iterable[str]) -> list[str]:
 def plan_approve(
     *, plan: Plan, actor: Actor, comment: str = "", gpu_hours_budget: float | None = None
 ) -> Plan:
-    """Approve, and release the plan's held runs to the queue."""
+    """Approve, and release the plan's held runs to the queue.
+
+    A PI approving their own plan is marked self_approved (on the plan and in its event), or
+    refused where the lab turned LABSITE_PI_SELF_APPROVAL off.
+    """
     _require_pi(actor)
-    if gpu_hours_budget is not None and gpu_hours_budget < 0:
-        raise ValidationError({"gpu_hours_budget": "must be 0 or more"})
+    if gpu_hours_budget is not None and not (
+        math.isfinite(gpu_hours_budget) and gpu_hours_budget >= 0
+    ):
+        raise ValidationError({"gpu_hours_budget": "must be a finite number, 0 or more"})
+    own = plan.author_id == actor.user_id
+    if own and not settings.LABSITE["PI_SELF_APPROVAL"]:
+        raise PermissionDenied(
+            "you wrote this plan: this lab does not let a PI approve their own plan "
+            "(LABSITE_PI_SELF_APPROVAL is off); ask another PI"
+        )
     plan = _plan_transition(
         plan=plan,
         to=PlanStatus.APPROVED,
         from_=PLAN_DECIDABLE,
         actor=actor,
-        comment=comment,
+        comment=(f"self-approved: {comment}" if comment else "self-approved") if own else comment,
         fields={
             "reviewer": actor.user,
             "review_comment": comment or "",
             "decided_at": timezone.now(),
             "gpu_hours_budget": gpu_hours_budget,
+            "self_approved": own,
         },
     )
     with transaction.atomic():

@@ -18,7 +18,8 @@ from django.core.exceptions import PermissionDenied, ValidationError
 from django.core.paginator import Paginator
 from django.db.models import Q, QuerySet
 from django.http import Http404, HttpRequest, HttpResponse
-from django.shortcuts import get_object_or_404, redirect, render
+from django.shortcuts import get_object_or_404 as django_get_object_or_404
+from django.shortcuts import redirect, render
 from django.utils.cache import add_never_cache_headers
 from django.views.decorators.http import require_POST
 from django_htmx.http import HTMX_STOP_POLLING, HttpResponseClientRedirect
@@ -49,6 +50,7 @@ from experiments.forms import (
 )
 from experiments.models import Plan, Run
 from labsite import roles
+from labsite.api import KEY_PATTERN
 from labsite.errors import Conflict
 from labsite.models import ApiToken
 
@@ -86,8 +88,27 @@ def _error_text(exc: Exception) -> str:
     return str(exc) or "not allowed"
 
 
+def object_or_404(queryset: Any, *, pk: str) -> Any:
+    """Django's shortcut, but a key no object could have (NUL, odd characters) is a 404
+    without a query: PostgreSQL answers NUL with an error, not with no rows."""
+    if not KEY_PATTERN.fullmatch(pk):
+        raise Http404(pk[:64])
+    return django_get_object_or_404(queryset, pk=pk)
+
+
 def _actor(request: HttpRequest) -> Actor:
     return Actor.from_request(request)
+
+
+def _filtered(filterset: Any) -> tuple[QuerySet[Any], str]:
+    """A filter's rows, or none and the reason when a filter value cannot match."""
+    try:
+        return filterset.qs, ""
+    except FilterError as exc:
+        detail = exc.detail
+        values = detail.values() if isinstance(detail, dict) else [detail]
+        flat = [m for v in values for m in (v if isinstance(v, list) else [v])]
+        return filterset.queryset.none(), " ".join(str(m) for m in flat)
 
 
 # --- dashboard ---------------------------------------------------------------------------
@@ -97,15 +118,7 @@ def _actor(request: HttpRequest) -> Actor:
 def dashboard(request: HttpRequest) -> HttpResponse:
     """Lab counts and the runs table; the live part is re-fetched by HTMX every 3 s."""
     runs_filter = RunFilter(request.GET, queryset=selectors.runs_list().select_related("sweep"))
-    filter_error = ""
-    try:
-        runs = runs_filter.qs
-    except FilterError as exc:
-        detail = exc.detail
-        filter_error = " ".join(
-            str(v) for v in (detail.values() if isinstance(detail, dict) else [detail])
-        )
-        runs = Run.objects.none()
+    runs, filter_error = _filtered(runs_filter)
     context: dict[str, Any] = {
         "health": selectors.system_health(),
         "page": Paginator(runs, PAGE_SIZE).get_page(request.GET.get("page")),
@@ -166,9 +179,7 @@ def _run_context(request: HttpRequest, run: Run) -> dict[str, Any]:
 @login_required
 def run_detail(request: HttpRequest, run_id: str) -> HttpResponse:
     """A run, its leases and its audit trail; the status block polls until the run ends."""
-    run = get_object_or_404(
-        selectors.runs_list().select_related("sweep", "plan", "parent"), pk=run_id
-    )
+    run = object_or_404(selectors.runs_list().select_related("sweep", "plan", "parent"), pk=run_id)
     context = _run_context(request, run)
     if _partial(request):
         response = render(request, "experiments/partials/run_status.html", context)
@@ -184,7 +195,7 @@ def run_detail(request: HttpRequest, run_id: str) -> HttpResponse:
 def _run_action(
     request: HttpRequest, run_id: str, service: Any, verb: str
 ) -> tuple[Run | None, HttpResponse]:
-    run = get_object_or_404(Run, pk=run_id)
+    run = object_or_404(Run, pk=run_id)
     try:
         result = service(run=run, actor=_actor(request))
     except SERVICE_ERRORS as exc:
@@ -250,7 +261,7 @@ def sweep_list(request: HttpRequest) -> HttpResponse:
 
 @login_required
 def sweep_detail(request: HttpRequest, sweep_id: str) -> HttpResponse:
-    sweep = get_object_or_404(selectors.sweeps_list().select_related("plan"), pk=sweep_id)
+    sweep = object_or_404(selectors.sweeps_list().select_related("plan"), pk=sweep_id)
     runs = selectors.runs_list().filter(sweep=sweep).order_by("created_at", "id")
     return render(
         request,
@@ -267,7 +278,10 @@ def plan_list(request: HttpRequest) -> HttpResponse:
     plans_filter = PlanFilter(
         request.GET, queryset=Plan.objects.select_related("author", "reviewer")
     )
-    page = Paginator(plans_filter.qs, PAGE_SIZE).get_page(request.GET.get("page"))
+    plans, filter_error = _filtered(plans_filter)
+    if filter_error:
+        messages.error(request, filter_error)
+    page = Paginator(plans, PAGE_SIZE).get_page(request.GET.get("page"))
     return render(
         request,
         "experiments/plan_list.html",
@@ -295,7 +309,7 @@ def plan_new(request: HttpRequest) -> HttpResponse:
 
 @login_required
 def plan_edit(request: HttpRequest, plan_id: str) -> HttpResponse:
-    plan = get_object_or_404(Plan, pk=plan_id)
+    plan = object_or_404(Plan, pk=plan_id)
     initial = {"title": plan.title, "goal": plan.goal, "raw_markdown": plan.raw_markdown}
     form = PlanForm(request.POST or None, initial=initial)
     if request.method == "POST" and form.is_valid():
@@ -340,7 +354,7 @@ def _plan_page(
 
 @login_required
 def plan_detail(request: HttpRequest, plan_id: str) -> HttpResponse:
-    plan = get_object_or_404(Plan.objects.select_related("author", "reviewer"), pk=plan_id)
+    plan = object_or_404(Plan.objects.select_related("author", "reviewer"), pk=plan_id)
     return _plan_page(request, plan)
 
 
@@ -365,7 +379,7 @@ def plan_action(request: HttpRequest, plan_id: str, action: str) -> HttpResponse
     """Submit, approve, reject, request changes or archive: one service call each."""
     if action not in PLAN_ACTIONS:
         raise Http404(action)
-    plan = get_object_or_404(Plan.objects.select_related("author", "reviewer"), pk=plan_id)
+    plan = object_or_404(Plan.objects.select_related("author", "reviewer"), pk=plan_id)
     form_class, prefix, service, done = PLAN_ACTIONS[action]
     form = form_class(request.POST, prefix=prefix)
     if form.is_valid():

@@ -2,20 +2,78 @@
 
 from __future__ import annotations
 
+import logging
+import re
 from typing import Any
 
+from django.core.exceptions import RequestDataTooBig
 from django.core.exceptions import ValidationError as DjangoValidationError
+from django.db import DataError, IntegrityError
 from django.http import Http404, JsonResponse
-from rest_framework import exceptions, pagination, status
+from rest_framework import exceptions, pagination, serializers, status
+from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
+from rest_framework.views import set_rollback
 
 from labsite.errors import Conflict
+from labsite.parsers import body_too_large
+from labsite.validation import INT64_MAX
+
+log = logging.getLogger(__name__)
+
+# Ids and names in a URL: anything else (NUL, spaces, 5,000 digits) is not found without asking
+# the database, which would refuse NUL with an error rather than an empty answer.
+KEY_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}")
+
+
+class ErrorSerializer(serializers.Serializer):
+    """Every 4xx answer: a readable `detail`; field errors add their lists in `errors`."""
+
+    detail = serializers.CharField()
+    # The metaclass takes fields off the class, so this does not hide Serializer.errors.
+    errors = serializers.DictField(required=False)  # type: ignore[assignment]
+
+
+def query_int(
+    request: Request, name: str, *, default: int, minimum: int, maximum: int = INT64_MAX
+) -> int:
+    """An integer query parameter; absent or empty means the default, anything else that is
+    not an integer in range is a 400 naming the parameter (never silently the default)."""
+    raw = request.query_params.get(name)
+    if raw is None or raw == "":
+        return default
+    text = raw.strip()
+    if not re.fullmatch(r"[+-]?[0-9]{1,19}", text) or not minimum <= int(text) <= maximum:
+        bounds = f"from {minimum} to {maximum}" if maximum < INT64_MAX else f">= {minimum}"
+        raise exceptions.ValidationError({name: [f"must be an integer {bounds}"]})
+    return int(text)
+
+
+def shown_key(value: str) -> str:
+    """A key from a URL as an error message may quote it: short, and escaped."""
+    return value[:64].encode("unicode_escape").decode("ascii")
+
+
+def key_or_404(value: str, label: str) -> str:
+    """A URL's object key, or a 404 without a query when no object could have it."""
+    if not KEY_PATTERN.fullmatch(value):
+        raise exceptions.NotFound(f"{label} not found: {shown_key(value)}")
+    return value
 
 
 class Pagination(pagination.LimitOffsetPagination):
+    """limit/offset; a limit over max_limit is cut to it, a malformed one is a 400."""
+
     default_limit = 50
     max_limit = 500
+
+    def get_limit(self, request: Request) -> int:
+        limit = query_int(request, self.limit_query_param, default=self.default_limit, minimum=1)
+        return min(limit, self.max_limit)
+
+    def get_offset(self, request: Request) -> int:
+        return query_int(request, self.offset_query_param, default=0, minimum=0)
 
 
 def _first_message(data: Any, path: str = "") -> str:
@@ -33,6 +91,22 @@ def _first_message(data: Any, path: str = "") -> str:
 
 def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:
     """Every error is JSON with a readable `detail`; field errors keep their lists in `errors`."""
+    if isinstance(exc, RequestDataTooBig):
+        exc = body_too_large()
+    if isinstance(exc, DataError | IntegrityError):
+        # The exception's text carries the row's values (PostgreSQL's DETAIL and CONTEXT lines),
+        # secrets included: it is neither logged nor sent back.
+        set_rollback()
+        view = context.get("view")
+        log.warning(
+            "the database refused a value in %s (%s); the input checks missed it",
+            type(view).__name__ if view is not None else "a request",
+            type(exc).__name__,
+        )
+        return Response(
+            {"detail": "the database refused a value in this request; check the values sent"},
+            status=status.HTTP_400_BAD_REQUEST,
+        )
     if isinstance(exc, DjangoValidationError):
         detail = exc.message_dict if hasattr(exc, "error_dict") else exc.messages
         exc = exceptions.ValidationError(detail=detail)

@@ -43,3 +43,64 @@ def strip_trailing_slashes(result: dict[str, Any], **_: Any) -> dict[str, Any]:
         (path.rstrip("/") or "/"): ops for path, ops in result.get("paths", {}).items()
     }
     return result
+
+
+ERROR_SCHEMA = {
+    "type": "object",
+    "description": "Every 4xx answer: a readable `detail`; field errors are listed in `errors`.",
+    "properties": {
+        "detail": {"type": "string"},
+        "errors": {"type": "object", "additionalProperties": {}},
+    },
+    "required": ["detail"],
+}
+_METHODS = {"get", "put", "post", "patch", "delete"}
+_UNSAFE = {"put", "post", "patch", "delete"}
+
+
+def _error(description: str) -> dict[str, Any]:
+    return {
+        "description": description,
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+    }
+
+
+def _error_responses(path: str, method: str, operation: dict[str, Any]) -> dict[str, Any]:
+    """The 4xx answers this operation can give, from what the operation takes.
+
+    Every API view authenticates (a wrong token is a 401 even where no token is needed) and
+    may throttle failed authentication (429); session clients of unsafe methods meet CSRF
+    (403). 409 is documented by the views whose services raise Conflict.
+    """
+    open_to_all = {} in operation.get("security", [{}])
+    params = operation.get("parameters", [])
+    has_body = "requestBody" in operation
+    in_path = {p["name"] for p in params if p.get("in") == "path"}
+    out: dict[str, Any] = {}
+    if has_body or any(p.get("in") == "query" for p in params) or in_path - {"id"}:
+        out["400"] = _error("the request is malformed or breaks a rule; `detail` says which")
+    out["401"] = _error(
+        "the token sent is wrong or revoked" if open_to_all else "no token, or a wrong one"
+    )
+    if method in _UNSAFE and not open_to_all:
+        out["403"] = _error("not allowed for this user (or a browser session without CSRF)")
+    if "id" in in_path:
+        out["404"] = _error("no object with this id")
+    if has_body:
+        out["413"] = _error("the body is larger than LABSITE_MAX_BODY_BYTES")
+    out["429"] = _error("too many failed authentications from this address; wait a minute")
+    return out
+
+
+def document_error_responses(result: dict[str, Any], **_: Any) -> dict[str, Any]:
+    """Add the error answers each operation really gives, all with the shared Error shape."""
+    schemas = result.setdefault("components", {}).setdefault("schemas", {})
+    schemas["Error"] = ERROR_SCHEMA
+    for path, operations in result.get("paths", {}).items():
+        for method, operation in operations.items():
+            if method not in _METHODS:
+                continue
+            responses = operation.setdefault("responses", {})
+            for code, response in _error_responses(path, method, operation).items():
+                responses.setdefault(code, response)
+    return result

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import secrets
 from pathlib import Path
+from typing import Any
 
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
@@ -12,7 +14,11 @@ from labsite.env import env_bool, env_float, env_int, env_list, env_str
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 DATA_DIR = Path(env_str("LABSITE_DATA_DIR", str(BASE_DIR / "data"))).resolve()
-DATA_DIR.mkdir(parents=True, exist_ok=True)
+DATA_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
+# The database, the secret key, every host's SSH key and the runs' logs live here: the server's
+# alone (runs on the local host execute as another user and must not read it).
+if DATA_DIR.stat().st_uid == os.geteuid():
+    DATA_DIR.chmod(0o700)
 
 
 def _secret_key() -> str:
@@ -133,8 +139,24 @@ LOGIN_REDIRECT_URL = "dashboard"
 LOGOUT_REDIRECT_URL = "login"
 SESSION_COOKIE_HTTPONLY = True
 CSRF_COOKIE_SAMESITE = "Lax"
-SESSION_COOKIE_SECURE = env_bool("SESSION_COOKIE_SECURE", False)
+X_FRAME_OPTIONS = "DENY"
+# A lab server is served over HTTPS by a reverse proxy in front of gunicorn (README: "Serving a
+# lab over HTTPS"); LABSITE_HTTPS=true turns on everything that needs: secure cookies, the
+# redirect, HSTS, and trusting the proxy's X-Forwarded-Proto. The single-machine default is
+# plain HTTP on 127.0.0.1.
+HTTPS = env_bool("LABSITE_HTTPS", False)
+SESSION_COOKIE_SECURE = env_bool("SESSION_COOKIE_SECURE", HTTPS)
 CSRF_COOKIE_SECURE = SESSION_COOKIE_SECURE
+SECURE_SSL_REDIRECT = env_bool("SECURE_SSL_REDIRECT", HTTPS)
+# Load balancers and compose health checks call the health endpoint over plain HTTP.
+SECURE_REDIRECT_EXEMPT = [r"^api/health$"]
+SECURE_HSTS_SECONDS = env_int("SECURE_HSTS_SECONDS", 31_536_000 if HTTPS else 0, minimum=0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", HTTPS)
+SECURE_HSTS_PRELOAD = env_bool("SECURE_HSTS_PRELOAD", False)
+if HTTPS:
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+# Preloading HSTS is a submission to the browsers' list, a lab's own decision: not a default.
+SILENCED_SYSTEM_CHECKS = ["security.W021"]
 
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
@@ -143,7 +165,7 @@ REST_FRAMEWORK = {
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
-    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "DEFAULT_PARSER_CLASSES": ["labsite.parsers.JSONParser"],
     "DEFAULT_FILTER_BACKENDS": ["django_filters.rest_framework.DjangoFilterBackend"],
     "DEFAULT_PAGINATION_CLASS": "labsite.api.Pagination",
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
@@ -163,11 +185,14 @@ SPECTACULAR_SETTINGS = {
     "POSTPROCESSING_HOOKS": [
         "drf_spectacular.hooks.postprocess_schema_enums",
         "labsite.schema.strip_trailing_slashes",
+        "labsite.schema.document_error_responses",
     ],
     "ENUM_NAME_OVERRIDES": {
         "RunStatusEnum": "experiments.choices.RunStatus",
         "PlanStatusEnum": "experiments.choices.PlanStatus",
         "AlertStatusEnum": "experiments.choices.AlertStatus",
+        "HostKindEnum": "clusters.choices.HostKind",
+        "SweepKindEnum": "experiments.choices.SweepKind",
     },
 }
 
@@ -192,7 +217,7 @@ CELERY_TASK_PUBLISH_RETRY_POLICY = {
 }
 
 # Lab policy (lab-wide defaults; hosts may override the GPU thresholds).
-LABSITE = {
+LABSITE: dict[str, Any] = {
     "GPU_FREE_MAX_MEM_MB": env_int("LABSITE_GPU_FREE_MAX_MEM_MB", 1024, minimum=0),
     "GPU_FREE_MAX_UTIL_PCT": env_int("LABSITE_GPU_FREE_MAX_UTIL_PCT", 20, minimum=0),
     "MAX_GPUS_PER_USER": env_int("LABSITE_MAX_GPUS_PER_USER", 0, minimum=0),
@@ -208,7 +233,27 @@ LABSITE = {
     "BACKFILL_SECONDS": env_float("LABSITE_BACKFILL_SECONDS", 900.0, minimum=0),
     "HOST_PROBE_WAIT_SECONDS": env_float("LABSITE_HOST_PROBE_WAIT_SECONDS", 10.0, minimum=0),
     "SINFO_TIMEOUT_SECONDS": env_float("LABSITE_SINFO_TIMEOUT_SECONDS", 5.0, minimum=0.1),
+    # The local host: runs execute as this unprivileged Unix user (created by `make up` as root);
+    # where it cannot be had, only admins' runs go there unless members are trusted explicitly.
+    "LOCAL_RUN_USER": env_str("LABSITE_LOCAL_RUN_USER", "labsite-run"),
+    "LOCAL_TRUST_MEMBERS": env_bool("LABSITE_LOCAL_TRUST_MEMBERS", False),
+    # A PI approving their own plan is recorded as a self-approval; a lab may forbid it.
+    "PI_SELF_APPROVAL": env_bool("LABSITE_PI_SELF_APPROVAL", True),
+    # Limits on what one request may ask (past one: a 400 naming the limit).
+    "MAX_GRID_POINTS": env_int("LABSITE_MAX_GRID_POINTS", 1000, minimum=1),
+    "MAX_RUNS_PER_REQUEST": env_int("LABSITE_MAX_RUNS_PER_REQUEST", 1000, minimum=1),
+    "MAX_COMMAND_LENGTH": env_int("LABSITE_MAX_COMMAND_LENGTH", 32768, minimum=1),
+    "MAX_NAME_LENGTH": env_int("LABSITE_MAX_NAME_LENGTH", 200, minimum=1),
+    "MAX_ENV_VARS": env_int("LABSITE_MAX_ENV_VARS", 200, minimum=0),
+    "MAX_ENV_BYTES": env_int("LABSITE_MAX_ENV_BYTES", 65536, minimum=0),
+    "MAX_JSON_DEPTH": env_int("LABSITE_MAX_JSON_DEPTH", 32, minimum=2),
+    "MAX_BODY_BYTES": env_int("LABSITE_MAX_BODY_BYTES", 2 * 2**20, minimum=1024),
+    # List endpoints show at most this much of a command (the run's own page shows all of it).
+    "LIST_COMMAND_CHARS": env_int("LABSITE_LIST_COMMAND_CHARS", 500, minimum=1),
+    # Failed sign-ins and bad tokens per client address per minute before a 429.
+    "AUTH_FAILURES_PER_MINUTE": env_int("LABSITE_AUTH_FAILURES_PER_MINUTE", 20, minimum=1),
 }
+DATA_UPLOAD_MAX_MEMORY_SIZE = LABSITE["MAX_BODY_BYTES"]
 
 LOGGING = {
     "version": 1,

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from rest_framework import serializers
 
 from clusters.choices import HostKind
 from clusters.models import Host
+from labsite import roles
+from labsite.validation import INT32_MAX, InputSerializer, ModelInputSerializer
 
 
 class HostSerializer(serializers.ModelSerializer):
@@ -37,6 +41,14 @@ class HostSerializer(serializers.ModelSerializer):
         ]
         read_only_fields = fields
 
+    def to_representation(self, instance: Host) -> dict[str, Any]:
+        data: dict[str, Any] = super().to_representation(instance)
+        request = self.context.get("request")
+        if request is None or not roles.is_admin(request.user):
+            # An admin's activation line may carry secrets (tokens, license servers).
+            data["env_setup"] = None
+        return data
+
     def get_gpu_count(self, host: Host) -> int:
         return sum(1 for g in host.gpus.all() if g.present)
 
@@ -44,7 +56,7 @@ class HostSerializer(serializers.ModelSerializer):
         return bool(host.identity_file)
 
 
-class HostWriteSerializer(serializers.ModelSerializer):
+class HostWriteSerializer(ModelInputSerializer):
     private_key = serializers.CharField(required=False, write_only=True, trim_whitespace=False)
     kind = serializers.ChoiceField(choices=[HostKind.SSH, HostKind.LOCAL], default=HostKind.SSH)
 
@@ -65,7 +77,14 @@ class HostWriteSerializer(serializers.ModelSerializer):
             "gpu_free_max_mem_mb",
             "gpu_free_max_util_pct",
         ]
-        extra_kwargs = {"identity_file": {"write_only": True}}
+        # Explicit ranges: on SQLite the model's columns carry none, and PostgreSQL's stop at
+        # 2**31 - 1 with an error rather than a message.
+        extra_kwargs = {
+            "identity_file": {"write_only": True},
+            "port": {"min_value": 1, "max_value": 65535},
+            "gpu_free_max_mem_mb": {"min_value": 0, "max_value": INT32_MAX},
+            "gpu_free_max_util_pct": {"min_value": 0, "max_value": 100},
+        }
 
     def validate(self, attrs: dict) -> dict:
         kind = attrs.get("kind", getattr(self.instance, "kind", HostKind.SSH))
@@ -85,5 +104,5 @@ class HostWriteSerializer(serializers.ModelSerializer):
         return attrs
 
 
-class AcceptKeySerializer(serializers.Serializer):
-    fingerprint = serializers.CharField()
+class AcceptKeySerializer(InputSerializer):
+    fingerprint = serializers.CharField(max_length=128)

@@ -8,7 +8,7 @@ from typing import Any
 from django.conf import settings
 from django.db.models import QuerySet
 from django.utils import timezone
-from drf_spectacular.utils import extend_schema
+from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework import permissions, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.exceptions import NotFound
@@ -18,8 +18,19 @@ from rest_framework.response import Response
 from clusters import services
 from clusters.api import serializers as s
 from clusters.models import Host
+from labsite.api import KEY_PATTERN, ErrorSerializer, shown_key
 from labsite.errors import Conflict
 from labsite.roles import is_admin
+
+
+def find_host(key: str) -> Host | None:
+    """A host by name, or by numeric id; keys no host could have never reach the database."""
+    if not KEY_PATTERN.fullmatch(key):
+        return None
+    host = Host.objects.filter(name=key).first()
+    if host is None and key.isascii() and key.isdigit() and len(key) <= 18:
+        host = Host.objects.filter(pk=int(key)).first()
+    return host
 
 
 class IsAdminForWrites(permissions.BasePermission):
@@ -59,17 +70,15 @@ class HostViewSet(viewsets.ModelViewSet):
         return s.HostSerializer if self.action in ("list", "retrieve") else s.HostWriteSerializer
 
     def get_object(self) -> Host:
-        key = self.kwargs["pk"]
-        host = Host.objects.filter(name=key).first() or (
-            Host.objects.filter(pk=int(key)).first() if key.isdigit() else None
-        )
+        key = str(self.kwargs["pk"])
+        host = find_host(key)
         if host is None:
-            raise NotFound(f"Host not found: {key}")
+            raise NotFound(f"Host not found: {shown_key(key)}")
         return host
 
     def _out(self, host: Host, code: int = status.HTTP_200_OK) -> Response:
         host = self.get_queryset().get(pk=host.pk)
-        return Response(s.HostSerializer(host).data, status=code)
+        return Response(s.HostSerializer(host, context={"request": self.request}).data, status=code)
 
     @extend_schema(request=s.HostWriteSerializer, responses={201: s.HostSerializer})
     def create(self, request: Request) -> Response:
@@ -103,6 +112,12 @@ class HostViewSet(viewsets.ModelViewSet):
         Host.objects.filter(pk=host.pk).update(**values)
         return self._out(host)
 
+    @extend_schema(
+        responses={
+            204: None,
+            409: OpenApiResponse(ErrorSerializer, description="the host has runs; disable it"),
+        }
+    )
     def destroy(self, request: Request, pk: str) -> Response:
         """Remove a host that never ran anything; otherwise disable it (runs keep their history)."""
         host = self.get_object()

@@ -9,6 +9,7 @@ from rest_framework import serializers
 
 from experiments import selectors
 from experiments.models import Alert, Plan, PlanEvent, Run, Sweep
+from labsite.validation import INT32_MAX, InputSerializer, lab_limit
 
 SECRET_NAME = re.compile(r"(KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL)", re.IGNORECASE)
 
@@ -80,12 +81,44 @@ class RunSerializer(serializers.ModelSerializer):
         return redact_env(run.env)
 
 
+def command_summary(run: Run) -> dict[str, Any]:
+    """A list row's command: its first LIST_COMMAND_CHARS characters, and whether it was cut.
+
+    runs_summaries() reads only that head from the database (command_head, command_length);
+    a run loaded whole is cut here.
+    """
+    most = lab_limit("LIST_COMMAND_CHARS")
+    head = getattr(run, "command_head", None)
+    length = getattr(run, "command_length", None)
+    if head is None or length is None:
+        head, length = run.command[:most], len(run.command)
+    return {"command": head[:most], "command_truncated": length > most}
+
+
+class RunListSerializer(RunSerializer):
+    """A run as lists show it: a bounded summary of its command (GET /runs/{id} has it all)."""
+
+    command = serializers.SerializerMethodField()
+    command_truncated = serializers.SerializerMethodField()
+
+    class Meta(RunSerializer.Meta):
+        fields = [*RunSerializer.Meta.fields, "command_truncated"]
+        read_only_fields = fields
+
+    def get_command(self, run: Run) -> str:
+        return str(command_summary(run)["command"])
+
+    def get_command_truncated(self, run: Run) -> bool:
+        return bool(command_summary(run)["command_truncated"])
+
+
 class GpuwrapConfigField(serializers.JSONField):
     """An object checked by the service (unknown keys are an error)."""
 
 
-class RunCreateSerializer(serializers.Serializer):
-    name = serializers.CharField(max_length=200, required=False, allow_blank=True)
+class RunCreateSerializer(InputSerializer):
+    # Lengths of names and commands are the lab's limits, checked by the service.
+    name = serializers.CharField(required=False, allow_blank=True)
     command = serializers.CharField(trim_whitespace=True)
     sweep_id = serializers.CharField(required=False, allow_null=True, allow_blank=True)
     plan_id = serializers.CharField(required=False, allow_null=True, allow_blank=True)
@@ -98,7 +131,9 @@ class RunCreateSerializer(serializers.Serializer):
     env = serializers.JSONField(required=False, allow_null=True)
     params = serializers.DictField(required=False)
     gpus = serializers.IntegerField(required=False, allow_null=True, min_value=0, max_value=64)
-    min_free_mem_mb = serializers.IntegerField(required=False, allow_null=True, min_value=0)
+    min_free_mem_mb = serializers.IntegerField(
+        required=False, allow_null=True, min_value=0, max_value=INT32_MAX
+    )
     host = serializers.CharField(required=False, allow_null=True, allow_blank=True)
     priority = serializers.IntegerField(required=False, default=0, min_value=-1000, max_value=1000)
 
@@ -146,17 +181,28 @@ class SweepSerializer(serializers.ModelSerializer):
 
 
 class SweepRunSerializer(serializers.ModelSerializer):
+    """A sweep's run row: like list rows, a bounded summary of the command."""
+
+    command = serializers.SerializerMethodField()
+    command_truncated = serializers.SerializerMethodField()
+
     class Meta:
         model = Run
-        fields = ["id", "name", "status", "command", "params"]
+        fields = ["id", "name", "status", "command", "command_truncated", "params"]
         read_only_fields = fields
+
+    def get_command(self, run: Run) -> str:
+        return str(command_summary(run)["command"])
+
+    def get_command_truncated(self, run: Run) -> bool:
+        return bool(command_summary(run)["command_truncated"])
 
 
 class SweepDetailSerializer(SweepSerializer):
     runs = serializers.SerializerMethodField()
 
     def get_runs(self, sweep: Sweep) -> list[dict[str, Any]]:
-        runs = sweep.runs.order_by("created_at", "id")
+        runs = selectors.run_summaries(sweep.runs.all()).order_by("created_at", "id")
         return SweepRunSerializer(runs, many=True).data  # type: ignore[return-value]
 
     class Meta(SweepSerializer.Meta):
@@ -164,10 +210,12 @@ class SweepDetailSerializer(SweepSerializer):
         read_only_fields = fields
 
 
-class RunOptionsMixin(serializers.Serializer):
+class RunOptionsMixin(InputSerializer):
     gpuwrap_config = GpuwrapConfigField(required=False, allow_null=True)
     gpus = serializers.IntegerField(required=False, allow_null=True, min_value=0, max_value=64)
-    min_free_mem_mb = serializers.IntegerField(required=False, allow_null=True, min_value=0)
+    min_free_mem_mb = serializers.IntegerField(
+        required=False, allow_null=True, min_value=0, max_value=INT32_MAX
+    )
     host = serializers.CharField(required=False, allow_null=True, allow_blank=True)
     workdir = serializers.CharField(required=False, allow_blank=True, max_length=1000)
     env = serializers.JSONField(required=False, allow_null=True)
@@ -175,10 +223,12 @@ class RunOptionsMixin(serializers.Serializer):
 
 
 class SweepCreateSerializer(RunOptionsMixin):
-    name = serializers.CharField(max_length=200)
+    name = serializers.CharField()
     base_command = serializers.CharField()
     parameters = serializers.JSONField()
-    max_runs = serializers.IntegerField(required=False, allow_null=True, min_value=1)
+    max_runs = serializers.IntegerField(
+        required=False, allow_null=True, min_value=1, max_value=INT32_MAX
+    )
     goal = serializers.CharField(required=False, allow_blank=True)
     auto_start = serializers.BooleanField(required=False, default=False)
     chat_session_id = serializers.CharField(
@@ -187,8 +237,8 @@ class SweepCreateSerializer(RunOptionsMixin):
     plan_id = serializers.CharField(required=False, allow_null=True, allow_blank=True)
 
 
-class WildSweepCreateSerializer(serializers.Serializer):
-    name = serializers.CharField(max_length=200)
+class WildSweepCreateSerializer(InputSerializer):
+    name = serializers.CharField()
     goal = serializers.CharField(required=False, allow_blank=True)
     chat_session_id = serializers.CharField(
         required=False, allow_null=True, allow_blank=True, max_length=200
@@ -227,6 +277,7 @@ class PlanSerializer(serializers.ModelSerializer):
             "review_comment",
             "decided_at",
             "gpu_hours_budget",
+            "self_approved",
             "submitted_at",
             "created_at",
             "updated_at",
@@ -245,7 +296,7 @@ class PlanDetailSerializer(PlanSerializer):
         read_only_fields = fields
 
 
-class PlanCreateSerializer(serializers.Serializer):
+class PlanCreateSerializer(InputSerializer):
     title = serializers.CharField(max_length=300)
     goal = serializers.CharField(required=False, allow_blank=True)
     session_id = serializers.CharField(
@@ -254,13 +305,13 @@ class PlanCreateSerializer(serializers.Serializer):
     raw_markdown = serializers.CharField(required=False, allow_blank=True)
 
 
-class PlanUpdateSerializer(serializers.Serializer):
+class PlanUpdateSerializer(InputSerializer):
     title = serializers.CharField(max_length=300, required=False)
     goal = serializers.CharField(required=False, allow_blank=True)
     raw_markdown = serializers.CharField(required=False, allow_blank=True)
 
 
-class PlanDecisionSerializer(serializers.Serializer):
+class PlanDecisionSerializer(InputSerializer):
     comment = serializers.CharField(required=False, allow_blank=True, default="")
 
 
@@ -292,8 +343,8 @@ class AlertSerializer(serializers.ModelSerializer):
         return alert.responded_by.username if alert.responded_by is not None else None
 
 
-class AlertRespondSerializer(serializers.Serializer):
-    choice = serializers.CharField()
+class AlertRespondSerializer(InputSerializer):
+    choice = serializers.CharField(max_length=100)
 
 
 class PromptSkillSummarySerializer(serializers.Serializer):
@@ -309,7 +360,7 @@ class PromptSkillSerializer(PromptSkillSummarySerializer):
     template = serializers.CharField()
 
 
-class PromptSkillUpdateSerializer(serializers.Serializer):
+class PromptSkillUpdateSerializer(InputSerializer):
     name = serializers.CharField(max_length=200, required=False)
     description = serializers.CharField(required=False, allow_blank=True)
     category = serializers.CharField(max_length=100, required=False, allow_blank=True)
@@ -317,5 +368,5 @@ class PromptSkillUpdateSerializer(serializers.Serializer):
     template = serializers.CharField(required=False)
 
 
-class RenderSerializer(serializers.Serializer):
+class RenderSerializer(InputSerializer):
     variables = serializers.DictField(child=serializers.CharField(allow_blank=True), required=False)

@@ -7,7 +7,7 @@ from typing import Any, cast
 from django.db import transaction
 from django.db.models import QuerySet
 from drf_spectacular.types import OpenApiTypes
-from drf_spectacular.utils import OpenApiParameter, extend_schema
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import mixins, permissions, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.exceptions import APIException, NotFound, ValidationError
@@ -16,6 +16,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from clusters import services as cluster_services
+from clusters.api.views import find_host
 from clusters.models import Host
 from experiments import selectors, services, skills
 from experiments.actors import Actor
@@ -23,8 +24,14 @@ from experiments.api import serializers as s
 from experiments.api.filters import AlertFilter, PlanFilter, RunFilter, SweepFilter
 from experiments.models import AgentCursor, Alert, Plan, PromptSkill, Run, Sweep
 from labsite import roles
+from labsite.api import KEY_PATTERN, ErrorSerializer, key_or_404, query_int, shown_key
 from labsite.auth import raw_token_from
 from labsite.schema import openapi_schema
+from labsite.validation import INT64_MAX, text_problem
+
+# Documented beside the success answer of each operation whose service can raise Conflict.
+CONFLICT = {409: OpenApiResponse(ErrorSerializer, description="the object's state forbids it")}
+REFUSED = {400: OpenApiResponse(ErrorSerializer, description="the request was refused")}
 
 
 class BadReference(APIException):
@@ -37,7 +44,7 @@ def _lookup(model: type[Any], pk: Any, label: str) -> Any:
     """An object referenced in a request body; unknown ids are a 400 naming the id."""
     if pk in (None, ""):
         return None
-    obj = model.objects.filter(pk=str(pk)).first()
+    obj = model.objects.filter(pk=str(pk)).first() if KEY_PATTERN.fullmatch(str(pk)) else None
     if obj is None:
         raise BadReference(f"{label} not found: {pk}")
     return obj
@@ -46,9 +53,7 @@ def _lookup(model: type[Any], pk: Any, label: str) -> Any:
 def _host(name: Any) -> Host | None:
     if name in (None, ""):
         return None
-    host = Host.objects.filter(name=str(name)).first()
-    if host is None and str(name).isdigit():
-        host = Host.objects.filter(pk=int(name)).first()
+    host = find_host(str(name))
     if host is None:
         raise BadReference(f"Host not found: {name}")
     return host
@@ -67,13 +72,18 @@ def _run_options(data: dict[str, Any]) -> dict[str, Any]:
 class RunViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
     """Runs: create, list (newest first, filterable), detail, start, stop, rerun."""
 
-    serializer_class = s.RunSerializer
     filterset_class = RunFilter
 
     def get_queryset(self) -> QuerySet[Run]:
+        if self.action == "list":
+            return selectors.run_summaries(selectors.runs_list())
         return selectors.runs_list()
 
+    def get_serializer_class(self) -> type[s.RunSerializer]:
+        return s.RunListSerializer if self.action == "list" else s.RunSerializer
+
     def get_object(self) -> Run:
+        key_or_404(self.kwargs["pk"], "Run")
         run = self.get_queryset().filter(pk=self.kwargs["pk"]).first()
         if run is None:
             raise NotFound(f"Run not found: {self.kwargs['pk']}")
@@ -101,14 +111,14 @@ class RunViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gene
     def _out(self, run: Run) -> dict[str, Any]:
         return s.RunSerializer(self.get_queryset().get(pk=run.pk)).data
 
-    @extend_schema(request=None, responses=s.RunSerializer)
+    @extend_schema(request=None, responses={200: s.RunSerializer, **CONFLICT})
     @action(detail=True, methods=["post"])
     def start(self, request: Request, pk: str) -> Response:
         """Queue a ready run (held instead while its plan is not approved)."""
         run = services.run_start(run=self.get_object(), actor=Actor.from_request(request))
         return Response(self._out(run))
 
-    @extend_schema(request=None, responses=s.RunSerializer)
+    @extend_schema(request=None, responses={200: s.RunSerializer, **CONFLICT})
     @action(detail=True, methods=["post"])
     def stop(self, request: Request, pk: str) -> Response:
         """Stop a run in any non-terminal state (queued and held included)."""
@@ -129,13 +139,8 @@ class RunViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gene
     @action(detail=True, methods=["get"])
     def logs(self, request: Request, pk: str) -> Response:
         """The run's output (stdout and stderr), as copied from its host by the poller."""
-        try:
-            offset = int(request.query_params.get("offset", 0))
-            limit = int(request.query_params.get("limit", 65536))
-        except ValueError as exc:
-            raise ValidationError({"offset": "offset and limit must be integers"}) from exc
-        if not 0 < limit <= 4 * 2**20:
-            raise ValidationError({"limit": "limit must be between 1 and 4194304 bytes"})
+        offset = query_int(request, "offset", default=0, minimum=-INT64_MAX)
+        limit = query_int(request, "limit", default=65536, minimum=1, maximum=4 * 2**20)
         return Response(selectors.run_log(self.get_object(), offset=offset, limit=limit))
 
     @extend_schema(responses=OpenApiTypes.OBJECT)
@@ -144,7 +149,7 @@ class RunViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gene
         """Metric series {key: [{step, value}]} from metrics.jsonl, and the latest values."""
         return Response(selectors.run_metrics(self.get_object()))
 
-    @extend_schema(request=None, responses={201: s.RunSerializer})
+    @extend_schema(request=None, responses={201: s.RunSerializer, **REFUSED})
     @action(detail=True, methods=["post"])
     def rerun(self, request: Request, pk: str) -> Response:
         """A new run with the same command and settings, linked to this one."""
@@ -164,6 +169,7 @@ class SweepViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Ge
         return s.SweepDetailSerializer if self.action != "list" else s.SweepSerializer
 
     def get_object(self) -> Sweep:
+        key_or_404(self.kwargs["pk"], "Sweep")
         sweep = self.get_queryset().filter(pk=self.kwargs["pk"]).first()
         if sweep is None:
             raise NotFound(f"Sweep not found: {self.kwargs['pk']}")
@@ -228,6 +234,7 @@ class PlanViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gen
         return s.PlanDetailSerializer if self.action != "list" else s.PlanSerializer
 
     def get_object(self) -> Plan:
+        key_or_404(self.kwargs["pk"], "Plan")
         plan = self.get_queryset().filter(pk=self.kwargs["pk"]).first()
         if plan is None:
             raise NotFound(f"Plan not found: {self.kwargs['pk']}")
@@ -256,7 +263,9 @@ class PlanViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gen
         )
         return Response(self._out(plan), status=status.HTTP_201_CREATED)
 
-    @extend_schema(request=s.PlanUpdateSerializer, responses=s.PlanDetailSerializer)
+    @extend_schema(
+        request=s.PlanUpdateSerializer, responses={200: s.PlanDetailSerializer, **CONFLICT}
+    )
     def partial_update(self, request: Request, pk: str) -> Response:
         """Edit a draft (or a plan with changes requested)."""
         data = s.PlanUpdateSerializer(data=request.data)
@@ -274,31 +283,41 @@ class PlanViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gen
         )
         return Response(self._out(plan))
 
-    @extend_schema(request=s.PlanDecisionSerializer, responses=s.PlanDetailSerializer)
+    @extend_schema(
+        request=s.PlanDecisionSerializer, responses={200: s.PlanDetailSerializer, **CONFLICT}
+    )
     @action(detail=True, methods=["post"])
     def submit(self, request: Request, pk: str) -> Response:
         """Send a draft for review."""
         return self._decide(request, s.PlanDecisionSerializer, services.plan_submit)
 
-    @extend_schema(request=s.PlanApproveSerializer, responses=s.PlanDetailSerializer)
+    @extend_schema(
+        request=s.PlanApproveSerializer, responses={200: s.PlanDetailSerializer, **CONFLICT}
+    )
     @action(detail=True, methods=["post"])
     def approve(self, request: Request, pk: str) -> Response:
         """PI only: approve, optionally with a GPU-hour budget; held runs are queued."""
         return self._decide(request, s.PlanApproveSerializer, services.plan_approve)
 
-    @extend_schema(request=s.PlanDecisionSerializer, responses=s.PlanDetailSerializer)
+    @extend_schema(
+        request=s.PlanDecisionSerializer, responses={200: s.PlanDetailSerializer, **CONFLICT}
+    )
     @action(detail=True, methods=["post"])
     def reject(self, request: Request, pk: str) -> Response:
         """PI only: reject; its waiting runs are stopped with reason plan_rejected."""
         return self._decide(request, s.PlanDecisionSerializer, services.plan_reject)
 
-    @extend_schema(request=s.PlanDecisionSerializer, responses=s.PlanDetailSerializer)
+    @extend_schema(
+        request=s.PlanDecisionSerializer, responses={200: s.PlanDetailSerializer, **CONFLICT}
+    )
     @action(detail=True, methods=["post"], url_path="request-changes")
     def request_changes(self, request: Request, pk: str) -> Response:
         """PI only: send the plan back to its author with a comment."""
         return self._decide(request, s.PlanDecisionSerializer, services.plan_request_changes)
 
-    @extend_schema(request=s.PlanDecisionSerializer, responses=s.PlanDetailSerializer)
+    @extend_schema(
+        request=s.PlanDecisionSerializer, responses={200: s.PlanDetailSerializer, **CONFLICT}
+    )
     @action(detail=True, methods=["post"])
     def archive(self, request: Request, pk: str) -> Response:
         """Put a plan away (its author, a PI or an admin)."""
@@ -315,16 +334,17 @@ class AlertViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Ge
         return Alert.objects.select_related("responded_by", "run")
 
     def get_object(self) -> Alert:
+        key = str(self.kwargs["pk"])
         alert = (
-            self.get_queryset().filter(pk=self.kwargs["pk"]).first()
-            if str(self.kwargs["pk"]).isdigit()
+            self.get_queryset().filter(pk=int(key)).first()
+            if key.isascii() and key.isdigit() and len(key) <= 18
             else None
         )
         if alert is None:
-            raise NotFound(f"Alert not found: {self.kwargs['pk']}")
+            raise NotFound(f"Alert not found: {shown_key(key)}")
         return alert
 
-    @extend_schema(request=s.AlertRespondSerializer, responses=s.AlertSerializer)
+    @extend_schema(request=s.AlertRespondSerializer, responses={200: s.AlertSerializer, **CONFLICT})
     @action(detail=True, methods=["post"])
     def respond(self, request: Request, pk: str) -> Response:
         """Answer with one of the alert's choices (stop and rerun act on the run)."""
@@ -380,6 +400,12 @@ class SessionEventsView(APIView):
 
     @extend_schema(responses=OpenApiTypes.OBJECT)
     def get(self, request: Request, session_id: str) -> Response:
+        most = AgentCursor._meta.get_field("session_id").max_length or 0
+        problem = text_problem(session_id) or (
+            f"is {len(session_id)} characters; at most {most}" if len(session_id) > most else None
+        )
+        if problem:
+            raise ValidationError({"session_id": [problem]})
         user: Any = request.user
         see_all = roles.is_pi(user) or roles.is_admin(user)
         with transaction.atomic():

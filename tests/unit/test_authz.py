@@ -187,3 +187,20 @@ def test_open_endpoints_leak_no_hosts_commands_or_users(anon, member):
     body = anon.get("/api/wild/v2/system-health").content.decode()
     assert "sekrit" not in body and "alice" not in body and "leaky" not in body
     assert anon.get("/api/wild/v2/system-health").json()["total"] == 1
+
+
+def test_a_hosts_env_setup_is_shown_to_admins_only(member, admin):
+    """An admin's activation line may hold secrets: members see null (issue 9, item 6)."""
+    from clusters.models import Host
+
+    Host.objects.create(
+        name="gpu-1", kind="ssh", hostname="10.0.0.9", env_setup="export HF_TOKEN=hf_secret"
+    )
+    for person, shown in ((member, None), (admin, "export HF_TOKEN=hf_secret")):
+        listed = person.client.get("/api/hosts").json()
+        rows = listed["results"] if isinstance(listed, dict) else listed
+        assert [h["env_setup"] for h in rows if h["name"] == "gpu-1"] == [shown]
+        assert person.client.get("/api/hosts/gpu-1").json()["env_setup"] == shown
+    changed = admin.client.patch("/api/hosts/gpu-1", {"enabled": False}, format="json")
+    assert changed.json()["env_setup"] == "export HF_TOKEN=hf_secret"
+    assert "hf_secret" not in member.client.get("/api/cluster").content.decode()
