@@ -14,6 +14,7 @@ from celery.signals import worker_ready
 from django.conf import settings
 
 from experiments import runner, scheduler
+from labsite import locks
 
 log = logging.getLogger(__name__)
 
@@ -28,19 +29,19 @@ def _one_at_a_time(name: str, body: Callable[[], object]) -> None:
     """Run `body` under a Redis lock; asked again while it runs, the holder runs it once more.
 
     So runs never overlap, and a request that came during one is served by the next, not lost.
+    A holder that was killed frees the lock within seconds (see labsite.locks); what it was
+    asked meanwhile is served by the next ask after that, which the timers send every few
+    seconds. A stale `again` flag left by a dead holder costs one extra pass, never a wait.
     """
     client = _redis()
     again = f"labsite:{name}:again"
     client.set(again, 1, ex=300)
     while True:
-        lock = client.lock(f"labsite:{name}", timeout=120)
-        if not lock.acquire(blocking=False):
-            return  # the holder sees `again`
-        try:
+        with locks.try_hold(client, f"labsite:{name}") as held:
+            if not held:
+                return  # the holder sees `again`
             while client.getdel(again):
                 body()
-        finally:
-            lock.release()
         if not client.exists(again):
             return
 

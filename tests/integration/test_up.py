@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -13,6 +14,8 @@ import urllib.request
 from pathlib import Path
 
 from tests.harness.worker import ROOT, redis_test_client
+
+MANAGE = [sys.executable, str(ROOT / "manage.py")]
 
 
 def free_port() -> int:
@@ -32,26 +35,93 @@ def alive(pid: int) -> bool:
     )
 
 
-def test_serve_runs_site_worker_beat_and_watcher_and_one_ctrl_c_stops_them(tmp_path):
-    """GIVEN a fresh data dir (SQLite) WHEN bootstrap then serve THEN the site answers, the first
-    admin's password is printed once, the watcher follows the local host, and SIGINT stops web,
-    worker, beat and watcher."""
+def serve_env(tmp_path: Path) -> dict[str, str]:
+    """A fresh instance on SQLite in tmp_path, with a HOME of its own: what gunicorn would put
+    under ~ (its control socket) shows up there, and never touches another instance's."""
     redis_test_client()  # asserts the test Redis db is not db 0
-    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "XDG_RUNTIME_DIR")}
+    (tmp_path / "home").mkdir()
     env.update(
+        HOME=str(tmp_path / "home"),
         LABSITE_DATA_DIR=str(tmp_path),
         PYTHONUNBUFFERED="1",
         WEB_CONCURRENCY="1",
         WORKER_CONCURRENCY="1",
     )
-    manage = [sys.executable, str(ROOT / "manage.py")]
-    subprocess.run([*manage, "migrate", "--noinput", "-v0"], env=env, check=True, timeout=300)
+    return env
+
+
+def start_serve(env: dict[str, str], tmp_path: Path, port: int) -> subprocess.Popen[bytes]:
+    with (tmp_path / "serve.log").open("wb") as log:
+        return subprocess.Popen(
+            [*MANAGE, "serve", "--port", str(port)],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def serve_log(tmp_path: Path) -> str:
+    return (tmp_path / "serve.log").read_text(errors="replace")
+
+
+def health(port: int, timeout: float = 2) -> dict[str, object]:
+    url = f"http://127.0.0.1:{port}/api/wild/v2/system-health"
+    return dict(json.loads(urllib.request.urlopen(url, timeout=timeout).read()))  # noqa: S310
+
+
+def wait_until_up(proc: subprocess.Popen[bytes], tmp_path: Path, port: int) -> None:
+    """The site answers, and the worker, beat and watcher said they are up."""
+    deadline = time.monotonic() + 60
+    body = None
+    while time.monotonic() < deadline and body is None:
+        assert proc.poll() is None, serve_log(tmp_path)[-3000:]
+        try:
+            body = health(port)
+        except OSError:
+            time.sleep(0.3)
+    assert body is not None and body["status"] == "ok"
+    deadline = time.monotonic() + 30
+    text = ""
+    up = ("ready.", "beat: Starting", "watching local")
+    while time.monotonic() < deadline and not all(marker in text for marker in up):
+        text = serve_log(tmp_path)
+        time.sleep(0.3)
+    assert "ready." in text, "the worker did not come up"
+    assert "beat: Starting" in text, "beat did not come up"
+    assert "watching local" in text, "the watcher does not follow the local host"
+
+
+def children_of(pid: int) -> list[int]:
+    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def kill_all(serve: subprocess.Popen[bytes], seen: list[int]) -> None:
+    """Stop what a test started, by pid: serve, its children now and those it had before
+    (each leads a process group of its own)."""
+    now = children_of(serve.pid) if alive(serve.pid) else []
+    for pid in [serve.pid, *now, *seen]:
+        if alive(pid):
+            os.killpg(pid, signal.SIGKILL)
+    serve.wait(10)
+
+
+def test_serve_runs_site_worker_beat_and_watcher_and_one_ctrl_c_stops_them(tmp_path):
+    """GIVEN a fresh data dir (SQLite) WHEN bootstrap then serve THEN the site answers, the first
+    admin's password is printed once (and written to no file of the instance), the watcher
+    follows the local host, gunicorn keeps no control socket under ~, and SIGINT stops web,
+    worker, beat and watcher."""
+    env = serve_env(tmp_path)
+    subprocess.run([*MANAGE, "migrate", "--noinput", "-v0"], env=env, check=True, timeout=300)
     first = subprocess.run(
-        [*manage, "bootstrap"], env=env, capture_output=True, text=True, check=True, timeout=120
+        [*MANAGE, "bootstrap"], env=env, capture_output=True, text=True, check=True, timeout=120
     )
-    assert "Username: admin  Password: " in first.stdout
+    shown = re.search(r"Username: admin  Password: (\S+)", first.stdout)
+    assert shown is not None, first.stdout
+    password = shown.group(1).encode()
     again = subprocess.run(
-        [*manage, "bootstrap"], env=env, capture_output=True, text=True, check=True, timeout=120
+        [*MANAGE, "bootstrap"], env=env, capture_output=True, text=True, check=True, timeout=120
     )
     assert "Password" not in again.stdout, "credentials are printed once only"
     assert (tmp_path / "labsite.sqlite3").exists() and (
@@ -59,41 +129,17 @@ def test_serve_runs_site_worker_beat_and_watcher_and_one_ctrl_c_stops_them(tmp_p
     ).stat().st_mode & 0o077 == 0
 
     port = free_port()
-    log = (tmp_path / "serve.log").open("wb")
-    proc = subprocess.Popen(
-        [*manage, "serve", "--port", str(port)],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    proc = start_serve(env, tmp_path, port)
     children: list[int] = []
     try:
-        url = f"http://127.0.0.1:{port}/api/wild/v2/system-health"
-        deadline = time.monotonic() + 60
-        body = None
-        while time.monotonic() < deadline and body is None:
-            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
-            try:
-                body = json.loads(urllib.request.urlopen(url, timeout=2).read())  # noqa: S310
-            except OSError:
-                time.sleep(0.3)
-        assert body is not None and body["status"] == "ok"
+        wait_until_up(proc, tmp_path, port)
         login = urllib.request.urlopen(f"http://127.0.0.1:{port}/login", timeout=5)  # noqa: S310
         assert b"csrfmiddlewaretoken" in login.read()
-        children = [
-            int(p) for p in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
-        ]
+        children = children_of(proc.pid)
         assert len(children) == 4, "web, worker, beat and watcher"
-        deadline = time.monotonic() + 30
-        text = ""
-        up = ("ready.", "beat: Starting", "watching local")
-        while time.monotonic() < deadline and not all(marker in text for marker in up):
-            text = (tmp_path / "serve.log").read_text()
-            time.sleep(0.3)
-        assert "ready." in text, "the worker did not come up"
-        assert "beat: Starting" in text, "beat did not come up"
-        assert "watching local" in text, "the watcher does not follow the local host"
+        # gunicorn's default control socket (~/.gunicorn/gunicorn.ctl) is one per Unix user:
+        # another instance on the machine would take it over, and delete it when it stops.
+        assert not (tmp_path / "home" / ".gunicorn").exists(), "gunicorn made a control socket"
         os.kill(proc.pid, signal.SIGINT)
         assert proc.wait(timeout=30) == 0
         deadline = time.monotonic() + 10
@@ -101,7 +147,7 @@ def test_serve_runs_site_worker_beat_and_watcher_and_one_ctrl_c_stops_them(tmp_p
             time.sleep(0.2)
         assert not any(alive(c) for c in children), "a child outlived Ctrl-C"
     finally:
-        for pid in [proc.pid, *children]:
-            if alive(pid):
-                os.killpg(pid, signal.SIGKILL)
-        log.close()
+        kill_all(proc, children)
+    # The password belongs on the terminal only: no log or other file of the instance has it.
+    leaked = [p for p in tmp_path.rglob("*") if p.is_file() and password in p.read_bytes()]
+    assert not leaked, f"the first admin's password was written to {leaked}"
