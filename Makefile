@@ -8,12 +8,13 @@ up:
 test:
 	@bash scripts/test.sh
 
-## ruff + mypy.
+## ruff + mypy, and shellcheck on the scripts sent to hosts.
 lint:
-	@bash -c 'source scripts/lib.sh && ensure_venv dev'
+	@bash -c 'source scripts/lib.sh && ensure_venv dev && apt_install shellcheck'
 	.venv/bin/ruff check .
 	.venv/bin/ruff format --check .
 	.venv/bin/mypy labsite experiments clusters
+	shellcheck -S warning clusters/executors/scripts/*.sh
 
 ## Benchmarks against the real harness; writes bench-results/.
 bench:

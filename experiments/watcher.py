@@ -1,7 +1,7 @@
 """Wake the poll of a host the moment a run on it ends, not at the next tick.
 
 Each run's wrapper appends its directory name to the host's events file when its command ends
-(clusters.executors.protocol). The watcher holds one stream per enabled host (Executor.watch:
+(clusters/executors/scripts). The watcher holds one stream per enabled host (Executor.watch:
 `tail -F` of that file over the host's SSH connection, or a local subprocess) and asks for a
 poll of the host for every burst of lines. The poll stays the truth: with no watcher running,
 or a host it cannot reach, ends are seen at the next poll tick, as before.
@@ -21,8 +21,7 @@ from collections.abc import Callable
 from django.db import close_old_connections
 
 from clusters.choices import HostKind, HostState
-from clusters.executors import ProtocolError, Stream, TransportError, executor_for
-from clusters.executors.protocol import WATCH_ALIVE
+from clusters.executors import WATCH_ALIVE, ProtocolError, Stream, TransportError, executor_for
 from clusters.models import Host
 from experiments import runner, services
 

@@ -1,146 +1,92 @@
-"""Executors launch, poll and cancel processes described by a plain LaunchSpec.
+"""Executors launch, poll, watch and cancel processes described by a plain LaunchSpec.
 
-One protocol (protocol.py), several transports: the server itself (subprocess) and SSH hosts
-(a pooled paramiko connection). clusters/ never imports experiments/.
+One protocol (protocol.py: parameters and parsers; scripts/: the remote side as files), two
+transports: the server's own machine (transport.py) and SSH hosts (ssh.py, the paramiko
+pool). Callers outside this package import from here only. clusters/ never imports
+experiments/.
 """
 
 from __future__ import annotations
 
-import os
-import select
-import subprocess
-import sys
-import time
-from dataclasses import dataclass
-from typing import IO, Protocol
+from collections.abc import Mapping
+from functools import cache
+from importlib import resources
+from typing import TYPE_CHECKING, Any
 
+from clusters.choices import HostKind, HostState
 from clusters.executors import protocol
-from clusters.executors.protocol import GpuReport, LaunchSpec, ProtocolError, RunRef, RunReport
+from clusters.executors.protocol import (
+    WATCH_ALIVE,
+    WATCH_READY,
+    GpuReport,
+    LaunchSpec,
+    ProtocolError,
+    RunRef,
+    RunReport,
+)
+from clusters.executors.ssh import HostKeyMismatch, SshTransport, Target, probe
+from clusters.executors.transport import (
+    LocalTransport,
+    Result,
+    Stream,
+    Transport,
+    TransportError,
+)
+from clusters.localuser import run_user
+
+if TYPE_CHECKING:
+    from clusters.models import Host
 
 __all__ = [
+    "WATCH_ALIVE",
     "Executor",
+    "GpuReport",
+    "HostKeyMismatch",
     "LaunchSpec",
     "LocalTransport",
     "ProtocolError",
+    "Result",
     "RunRef",
     "RunReport",
+    "SshTransport",
     "Stream",
+    "Target",
+    "Transport",
     "TransportError",
+    "bash_script",
     "executor_for",
+    "launch_script",
+    "probe",
+    "python_script",
+    "source",
 ]
 
 
-class TransportError(Exception):
-    """The host could not be reached or did not answer in time (nothing is known of its runs)."""
+@cache
+def source(name: str) -> str:
+    """The text of scripts/<name>, as shipped (package data)."""
+    return (resources.files(__name__) / "scripts" / name).read_text(encoding="utf-8")
 
 
-@dataclass(frozen=True)
-class Result:
-    code: int
-    stdout: str
-    stderr: str
+def bash_script(name: str, params: Mapping[str, bytes]) -> str:
+    """What goes to `bash -s` for scripts/<name>: the parameters' line, params.sh (which reads
+    it), then the script; only the first line depends on the parameters."""
+    return protocol.bash_params_line(params) + source("params.sh") + source(name)
 
 
-class Stream:
-    """Lines from a protocol script that keeps running (the watcher's), read with a timeout.
-
-    Closing it closes the script's stdin, which is how the script knows to end.
-    """
-
-    def __init__(self) -> None:
-        self._buffer = b""
-
-    def _recv(self, timeout: float) -> bytes | None:
-        """Some bytes; b"" at the end of the stream; None when nothing came within timeout."""
-        raise NotImplementedError
-
-    def readline(self, timeout: float) -> str | None:
-        """The next line, or None when none is complete within timeout; the end raises."""
-        deadline = time.monotonic() + timeout
-        while b"\n" not in self._buffer:
-            left = deadline - time.monotonic()
-            chunk = self._recv(left) if left > 0 else None
-            if chunk is None:
-                return None
-            if not chunk:
-                raise TransportError("the host closed the stream")
-            self._buffer += chunk
-        line, self._buffer = self._buffer.split(b"\n", 1)
-        return line.decode(errors="replace").strip()
-
-    def close(self) -> None:
-        raise NotImplementedError
+def python_script(name: str, params: Mapping[str, Any]) -> str:
+    """What goes to `python3 -I -S -` for scripts/<name>: the parameters' line, the script."""
+    return protocol.python_params_line(params) + source(name)
 
 
-class _LocalStream(Stream):
-    def __init__(self, script: str) -> None:
-        super().__init__()
-        try:
-            self.proc = subprocess.Popen(
-                ["bash", "-s"],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-        except OSError as exc:
-            raise TransportError(f"cannot run bash: {exc}") from exc
-        self.stdin: IO[bytes] = self.proc.stdin  # type: ignore[assignment]
-        self.stdout: IO[bytes] = self.proc.stdout  # type: ignore[assignment]
-        self.stdin.write(script.encode())
-        self.stdin.flush()
-
-    def _recv(self, timeout: float) -> bytes | None:
-        ready, _, _ = select.select([self.stdout], [], [], timeout)
-        return os.read(self.stdout.fileno(), 1 << 16) if ready else None
-
-    def close(self) -> None:
-        try:
-            self.stdin.close()  # EOF: the script stops its follower and exits
-        except OSError:
-            pass
-        try:
-            self.proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.stdout.close()
-
-
-class Transport(Protocol):
-    def run(self, interpreter: str, script: str, timeout: float) -> Result: ...
-
-    def stream(self, script: str, timeout: float) -> Stream: ...
-
-
-class LocalTransport:
-    """Runs protocol scripts on the server itself."""
-
-    def run(self, interpreter: str, script: str, timeout: float) -> Result:
-        # The server's own interpreter, isolated: no site-packages or shims to slow each poll.
-        argv = ["bash", "-s"] if interpreter == "bash" else [sys.executable, "-I", "-S", "-"]
-        try:
-            done = subprocess.run(
-                argv, input=script.encode(), capture_output=True, timeout=timeout, check=False
-            )
-        except subprocess.TimeoutExpired as exc:
-            raise TransportError(
-                f"local {interpreter} did not finish within {timeout:g} s"
-            ) from exc
-        except OSError as exc:
-            raise TransportError(f"cannot run {argv[0]}: {exc}") from exc
-        return Result(
-            done.returncode,
-            done.stdout.decode(errors="replace"),
-            done.stderr.decode(errors="replace"),
-        )
-
-    def stream(self, script: str, timeout: float) -> Stream:
-        return _LocalStream(script)
+def launch_script(spec: LaunchSpec) -> str:
+    """launch.sh as sent, followed on stdin by wrapper.sh, which it copies into the run
+    directory as that directory's launch.sh."""
+    return bash_script("launch.sh", protocol.launch_params(spec)) + source("wrapper.sh")
 
 
 class Executor:
-    """launch / poll / cancel over one transport."""
+    """launch / poll / watch / cancel over one transport."""
 
     def __init__(
         self, transport: Transport, *, timeout: float = 30.0, poll_timeout: float = 10.0
@@ -152,7 +98,7 @@ class Executor:
 
     def launch(self, spec: LaunchSpec) -> int | None:
         """Start the run detached and return the wrapper's pid (None: cancelled before start)."""
-        result = self.transport.run("bash", protocol.launch_script(spec), self.timeout)
+        result = self.transport.run("bash", launch_script(spec), self.timeout)
         return protocol.parse_launch(result.stdout + "\n" + result.stderr)
 
     def poll(
@@ -161,25 +107,24 @@ class Executor:
         """One round trip for every given run on this host (and its GPUs, with gpu=True)."""
         if not refs and not gpu:
             return {}, None
-        result = self.transport.run(
-            "python3", protocol.poll_script(refs, gpu=gpu), self.poll_timeout
-        )
+        text = python_script("poll.py", protocol.poll_params(refs, gpu=gpu))
+        result = self.transport.run("python3", text, self.poll_timeout)
         if result.code != 0:
             raise ProtocolError(f"poll exited {result.code}: {result.stderr.strip()[-300:]}")
-        return protocol.parse_poll(result.stdout), protocol.parse_gpu(result.stdout)
+        answer = protocol.poll_answer(result.stdout)
+        return protocol.parse_poll(answer), protocol.parse_gpu(answer)
 
     def watch(self, run_root: str, heartbeat_seconds: int = 15) -> Stream:
         """A stream of the run directory names whose command ended, as each ends (see
-        protocol.watch_script); lines equal to protocol.WATCH_ALIVE are heartbeats."""
-        stream = self.transport.stream(
-            protocol.watch_script(run_root, heartbeat_seconds), self.timeout
-        )
+        scripts/watch.sh); lines equal to WATCH_ALIVE are heartbeats."""
+        text = bash_script("watch.sh", protocol.watch_params(run_root, heartbeat_seconds))
+        stream = self.transport.stream(text, self.timeout)
         try:
             first = stream.readline(self.timeout)
         except TransportError:
             stream.close()
             raise
-        if first != protocol.WATCH_READY:
+        if first != WATCH_READY:
             stream.close()
             raise ProtocolError(f"unexpected watch answer: {first!r}")
         return stream
@@ -188,29 +133,22 @@ class Executor:
         self, *, run_id: str, run_root: str, grace_seconds: float, dir_name: str = ""
     ) -> int:
         """SIGTERM, grace, SIGKILL; returns how many of the run's processes are left (0)."""
+        params = protocol.cancel_params(run_root, run_id, grace_seconds, dir_name)
         result = self.transport.run(
-            "bash",
-            protocol.cancel_script(run_root, run_id, grace_seconds, dir_name),
-            self.timeout + grace_seconds + 10,
+            "bash", bash_script("cancel.sh", params), self.timeout + grace_seconds + 10
         )
         return protocol.parse_cancel(result.stdout)
 
 
-def executor_for(host: object) -> Executor:
+def executor_for(host: Host) -> Executor:
     """The executor for a Host row (local or ssh)."""
-    kind = getattr(host, "kind", "")
-    if kind == "local":
-        return Executor(LocalTransport())
-    if kind == "ssh":
-        from clusters.ssh import SshTransport
-
-        name = getattr(host, "name", "?")
-        if not getattr(host, "host_key_fingerprint", ""):
+    if host.kind == HostKind.LOCAL:
+        return Executor(LocalTransport(run_user()))
+    if host.kind == HostKind.SSH:
+        if not host.host_key_fingerprint:
             # Nothing is sent to a host whose key is not pinned: only a probe may pin it.
-            raise TransportError(f"host {name}: host key not pinned yet")
-        if getattr(host, "state", "") == "key_mismatch":
-            raise TransportError(f"host {name}: its host key changed; an admin must accept it")
+            raise TransportError(f"host {host.name}: host key not pinned yet")
+        if host.state == HostState.KEY_MISMATCH:
+            raise TransportError(f"host {host.name}: its host key changed; an admin must accept it")
         return Executor(SshTransport.for_host(host))
-    raise TransportError(
-        f"host {getattr(host, 'name', '?')} of kind {kind!r} cannot run commands yet"
-    )
+    raise TransportError(f"host {host.name} of kind {host.kind!r} cannot run commands yet")

@@ -7,8 +7,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from clusters.executors import Executor, LaunchSpec, LocalTransport
-from clusters.executors.protocol import WATCH_ALIVE
+from clusters.executors import WATCH_ALIVE, Executor, LaunchSpec, LocalTransport
 
 
 def followers(marker: str) -> list[int]:

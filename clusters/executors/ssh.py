@@ -1,4 +1,5 @@
-"""One pooled paramiko connection per host per worker process, with pinned host keys.
+"""The SSH transport: one pooled paramiko connection per host per worker process, with
+pinned host keys.
 
 Keepalives, TCP_NODELAY, a timeout on every operation, reconnect with backoff, and fewer
 concurrent channels than sshd's MaxSessions (10 by default).
@@ -18,7 +19,7 @@ from typing import Any
 
 import paramiko
 
-from clusters.executors import Result, Stream, TransportError
+from clusters.executors.transport import Result, Stream, TransportError
 
 log = logging.getLogger(__name__)
 # What a broken or refused SSH connection raises (paramiko, the socket, a closed transport).
