@@ -14,6 +14,7 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from clusters import gpus as gpu_lib
+from clusters import localuser
 from clusters.choices import GpuSource, HostKind, HostState
 from clusters.models import Gpu, Host
 
@@ -21,6 +22,15 @@ log = logging.getLogger(__name__)
 
 LOCAL_HOST_NAME = "local"
 SLURM_HOST_NAME = "slurm"
+
+
+RUN_USER_ROOT = "~/.labsite/runs"
+
+
+def local_run_root() -> str:
+    """Where local runs keep their directories: the run user's home when there is one (it
+    cannot enter the server's data directory), else the data directory itself."""
+    return RUN_USER_ROOT if localuser.run_user() is not None else str(settings.DATA_DIR / "runs")
 
 
 def host_ensure_local() -> Host:
@@ -32,11 +42,18 @@ def host_ensure_local() -> Host:
             "hostname": "localhost",
             "port": 0,
             "enabled": bool(settings.LABSITE["LOCAL_HOST_ENABLED"]),
-            "run_root": str(settings.DATA_DIR / "runs"),
+            "run_root": local_run_root(),
         },
     )
     if created:
         log.info("registered the local host (enabled=%s)", host.enabled)
+    return host
+
+
+def host_set_run_root(*, host: Host, run_root: str) -> Host:
+    """Point the host at another run root (its runs' directories live there)."""
+    Host.objects.filter(pk=host.pk).update(run_root=run_root)
+    host.run_root = run_root
     return host
 
 
@@ -290,7 +307,7 @@ def host_probe(host_id: int) -> tuple[Host, str]:
 
 
 def _probe(host: Host, now: Any) -> tuple[Host, str]:
-    from clusters import ssh
+    from clusters import executors
 
     if host.kind == HostKind.LOCAL:
         Host.objects.filter(pk=host.pk).update(
@@ -298,10 +315,10 @@ def _probe(host: Host, now: Any) -> tuple[Host, str]:
         )
         host.refresh_from_db()
         return host, HostState.ONLINE
-    target = ssh.SshTransport.for_host(host).target
+    target = executors.SshTransport.for_host(host).target
     try:
-        seen = ssh.probe(target)
-    except ssh.HostKeyMismatch as exc:
+        seen = executors.probe(target)
+    except executors.HostKeyMismatch as exc:
         facts = {**host.facts, "presented_fingerprint": exc.got}
         Host.objects.filter(pk=host.pk).update(
             state=HostState.KEY_MISMATCH, state_note=str(exc)[:500], facts=facts

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from collections import defaultdict
 from datetime import timedelta
 from pathlib import Path
@@ -21,6 +22,7 @@ from django.utils import timezone
 
 from clusters.choices import HostKind, HostState
 from clusters.executors import (
+    HostKeyMismatch,
     LaunchSpec,
     ProtocolError,
     RunRef,
@@ -33,7 +35,6 @@ from clusters.services import (
     inventory_from_report,
     inventory_refresh_local,
 )
-from clusters.ssh import HostKeyMismatch
 from experiments import services
 from experiments.actors import Actor
 from experiments.choices import ACTIVE, RunReason, RunStatus
@@ -131,8 +132,12 @@ def run_dispatch(run_id: str) -> None:
 # --- polling -----------------------------------------------------------------------------
 
 
-def host_poll(host_id: int) -> dict[str, Any]:
+def host_poll(host_id: int, *, cancelled: frozenset[str] = frozenset()) -> dict[str, Any]:
     """One round trip to the host for all its active runs and its GPUs; the database follows.
+
+    A run whose stop was asked for ends only once its cancel confirmed that nothing of it is
+    left on the host (`cancelled`, from run_cancel): its wrapper may have exited while a child
+    that ignores SIGTERM still holds its GPUs until the grace period's SIGKILL.
 
     `freed` in the result says that runs ended here and released GPUs: the caller asks for one
     scheduler pass for all of them (the poll task runs it at once, see tasks.poll_host).
@@ -176,7 +181,7 @@ def host_poll(host_id: int) -> dict[str, Any]:
     for run in runs:
         report = reports.get(run.id)
         if report is not None:
-            freed |= _apply(run, report)
+            freed |= _apply(run, report, cancelled=run.id in cancelled)
     # One pass for everything this poll saw end, not one per run: the pass places them all.
     # (Kicking from run_transition per released lease was tried: the burst bench went from
     # ~700 passes / 17 ms per run to 1,050 passes / 34 ms per run.)
@@ -217,7 +222,7 @@ def _confirm_gpu_placement(host: Host) -> None:
         services.run_gpus_confirm(seen=seen)
 
 
-def _apply(run: Run, report: RunReport) -> bool:
+def _apply(run: Run, report: RunReport, *, cancelled: bool = False) -> bool:
     """Bring the run in line with the host's report; True when it left the host (GPUs freed)."""
     complete = _copy_output(run, report)
     if run.reason == RunReason.HOST_UNREACHABLE:
@@ -249,6 +254,8 @@ def _apply(run: Run, report: RunReport) -> bool:
         return False
     if not complete:
         return False  # finish copying the log first, so an ended run keeps its whole output
+    if run.stop_requested_at is not None and not cancelled:
+        return False  # running, with stop_requested, until the cancel confirms it is gone
     if report.state == "exited":
         code = report.exit_code
         if run.stop_requested_at is not None:
@@ -345,8 +352,10 @@ def _copy_output(run: Run, report: RunReport) -> bool:
     updates: dict[str, Any] = {}
     if report.log_chunk and report.log_offset == run.log_size - run.log_base:
         path = log_path(run.id)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("ab") as f:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # Logs may hold whatever a run printed (tokens too): the server's alone, 0600 in 0700.
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        with os.fdopen(fd, "ab") as f:
             f.truncate(run.log_size)  # a copy cut short by a crash is redone from the offset
             f.write(report.log_chunk)
         run.log_size += len(report.log_chunk)
@@ -447,7 +456,8 @@ def run_cancel(run_id: str) -> None:
     if left:
         log.error("cancel of %s left %d process(es) on %s", run_id, left, run.host.name)
         return
-    freed = bool(host_poll(run.host.pk).get("freed"))  # copy the last output, record the end
+    # Nothing of it is left: copy the last output and record the end (with its exit code).
+    freed = bool(host_poll(run.host.pk, cancelled=frozenset([run.id])).get("freed"))
     freed |= services.run_transition(
         run_id=run_id,
         to=RunStatus.STOPPED,
@@ -496,11 +506,9 @@ def host_probe(host_id: int) -> str:
 
     host, outcome = probe(host_id)
     if outcome == HostState.KEY_MISMATCH:
-        from clusters.ssh import HostKeyMismatch as Mismatch
-
         _host_key_mismatch_alert(
             host,
-            Mismatch(
+            HostKeyMismatch(
                 host.name, host.host_key_fingerprint, host.facts.get("presented_fingerprint", "?")
             ),
         )

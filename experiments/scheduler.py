@@ -23,11 +23,13 @@ from types import SimpleNamespace
 from typing import Any
 
 from django.conf import settings
+from django.contrib.auth import get_user_model
 from django.db import IntegrityError, transaction
 from django.db.models import Exists, OuterRef, Q
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
+from clusters import localuser
 from clusters.choices import HostKind, HostState
 from clusters.gpus import GpuPolicy
 from clusters.models import Gpu, Host
@@ -36,6 +38,7 @@ from experiments import services
 from experiments.actors import Actor
 from experiments.choices import ACTIVE, PLAN_CLEARED, RunReason, RunStatus
 from experiments.models import Alert, GpuLease, Plan, Run
+from labsite import roles
 
 SYSTEM = Actor.system()
 QUEUE_FIELDS = (
@@ -55,6 +58,16 @@ QUICK_CHUNK = 64  # rows a quick pass reads at a time from the head of the queue
 
 class _Lost(Exception):
     pass
+
+
+def _admin_ids() -> frozenset[int]:
+    """The lab's admins (superusers hold every role), for a local host that is theirs alone."""
+    users = get_user_model().objects.filter(is_active=True)
+    return frozenset(
+        users.filter(Q(is_superuser=True) | Q(groups__name=roles.ADMIN)).values_list(
+            "id", flat=True
+        )
+    )
 
 
 def _enabled_hosts() -> Any:
@@ -85,6 +98,8 @@ class _Capacity:
 
     free: dict[int, list[_FreeGpu]]  # host id -> free GPUs by index
     user_gpus: dict[int, int]  # user id -> GPUs leased to the user's active runs
+    # Set where the local host takes admins' runs only (no separate run user): who they are.
+    local_admins: frozenset[int] | None = None
 
     @classmethod
     def load(cls, *, per_user: bool) -> _Capacity:
@@ -131,7 +146,15 @@ class _Capacity:
                 "created_by_id", "gpus"
             ):
                 user_gpus[user_id] += n
-        return cls(free=free, user_gpus=user_gpus)
+        admins = None if localuser.members_may_run_locally() else _admin_ids()
+        return cls(free=free, user_gpus=user_gpus, local_admins=admins)
+
+    def may_use_local(self, user_id: int | None) -> bool:
+        return self.local_admins is None or user_id in self.local_admins
+
+    def may_use(self, host: _HostRef | Host, user_id: int | None) -> bool:
+        """Whether the run's owner may run on this host (the local host may be admins' only)."""
+        return host.name != LOCAL_HOST_NAME or self.may_use_local(user_id)
 
     @cached_property
     def hosts(self) -> dict[int, Host]:
@@ -152,6 +175,8 @@ class _Capacity:
         hosts = [self.hosts[run.host_id]] if run.host_id in self.hosts else self.gpu_hosts()
         counts = ", ".join(
             f"{sum(g.memory_free_mb >= need_mb for g in self.free.get(h.id, []))} free on {h.name}"
+            if self.may_use(h, run.created_by_id)
+            else f"{h.name} takes admins' runs only"
             for h in hosts
         )
         return f"needs {run.gpus} GPU(s){mem}; {counts or 'no GPU host is enabled'}"
@@ -161,9 +186,13 @@ class _Capacity:
             (h for h in self.hosts.values() if h.gpu_source != "none"), key=lambda h: h.name
         )
 
-    def default_host(self) -> Host | None:
-        local = next((h for h in self.hosts.values() if h.name == LOCAL_HOST_NAME), None)
-        return local or next(iter(sorted(self.hosts.values(), key=lambda h: h.name)), None)
+    def default_host(self, user_id: int | None) -> Host | None:
+        """Where a CPU run without a host goes: the local host first, where its owner may."""
+        usable = sorted(
+            (h for h in self.hosts.values() if self.may_use(h, user_id)), key=lambda h: h.name
+        )
+        local = next((h for h in usable if h.name == LOCAL_HOST_NAME), None)
+        return local or next(iter(usable), None)
 
     def pick(self, run: Any, need_mb: int) -> tuple[_HostRef, list[_FreeGpu]] | None:
         """GPUs of one host for the run: the host that fits it most tightly (keeps big holes)."""
@@ -172,6 +201,8 @@ class _Capacity:
             if not gpus or (run.host_id and host_id != run.host_id):
                 continue
             host = gpus[0].host
+            if not self.may_use(host, run.created_by_id):
+                continue
             fitting = [g for g in gpus if g.memory_free_mb >= need_mb]
             if len(fitting) >= run.gpus and (best is None or (len(fitting), host.name) < best[:2]):
                 best = (len(fitting), host.name, host, fitting[: run.gpus])
@@ -309,7 +340,7 @@ class _Pass:
     cap: int = 0
     backfill_seconds: float = 0.0
     reasons: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
-    unplaceable: dict[tuple[int, int, int | None], str] = field(default_factory=dict)
+    unplaceable: dict[tuple[int, int, int | None, bool], str] = field(default_factory=dict)
     holding: str | None = None  # a big run past the backfill bound: runs behind it wait
     placed: int = 0
     expired: int = 0
@@ -344,10 +375,16 @@ class _Pass:
             self.wait(run, over)
             return
         hosts = self.capacity.hosts
-        host = hosts.get(run.host_id) if run.host_id else self.capacity.default_host()
+        host = (
+            hosts.get(run.host_id) if run.host_id else self.capacity.default_host(run.created_by_id)
+        )
         if host is None:
             why = "its host is disabled or unreachable" if run.host_id else "no enabled host"
+            if not run.host_id and self.capacity.local_admins is not None:
+                why = localuser.admins_only_reason()
             self.wait(run, why)
+        elif not self.capacity.may_use(host, run.created_by_id):
+            self.wait(run, localuser.admins_only_reason())
         elif _place(run, host, []):
             self.placed += 1
 
@@ -370,7 +407,7 @@ class _Pass:
             return
         need_mb = math.ceil(1.2 * run.min_free_mem_mb) if run.min_free_mem_mb else 0
         # Runs that ask the same thing get the same answer until capacity changes: memoize.
-        shape = (run.gpus, need_mb, run.host_id)
+        shape = (run.gpus, need_mb, run.host_id, self.capacity.may_use_local(run.created_by_id))
         choice = None
         if shape not in self.unplaceable:
             choice = self.capacity.pick(run, need_mb)

@@ -5,14 +5,19 @@ from django.urls import path
 from django.views.generic import RedirectView
 
 from experiments import views
+from labsite.auth import LoginForm
 
 urlpatterns = [
     path(
         "login",
-        auth_views.LoginView.as_view(redirect_authenticated_user=True),
+        auth_views.LoginView.as_view(
+            redirect_authenticated_user=True, authentication_form=LoginForm
+        ),
         name="login",
     ),
     path("logout", auth_views.LogoutView.as_view(), name="logout"),
+    path("password", auth_views.PasswordChangeView.as_view(), name="password_change"),
+    path("password/done", auth_views.PasswordChangeDoneView.as_view(), name="password_change_done"),
     path("", views.dashboard, name="dashboard"),
     path("runs", RedirectView.as_view(pattern_name="dashboard", query_string=True)),
     path("runs/new", views.run_new, name="run_new"),

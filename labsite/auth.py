@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from django import forms
+from django.contrib.admin.forms import AdminAuthenticationForm
+from django.contrib.auth.forms import AuthenticationForm
 from django.utils import timezone
 from rest_framework import authentication, exceptions
 
+from labsite import throttle
 from labsite.models import ApiToken, hash_token
 
 
@@ -35,6 +39,8 @@ class ApiTokenAuthentication(authentication.BaseAuthentication):
             .first()
         )
         if token is None or not token.user.is_active:
+            if throttle.record_failure(request) > throttle.limit():
+                raise exceptions.Throttled(wait=throttle.WINDOW_SECONDS, detail=throttle.message())
             raise exceptions.AuthenticationFailed("Invalid or revoked token.")
         now = timezone.now()
         if token.last_used_at is None or (now - token.last_used_at).total_seconds() > 60:
@@ -43,3 +49,28 @@ class ApiTokenAuthentication(authentication.BaseAuthentication):
 
     def authenticate_header(self, request: Any) -> str:
         return "Token"
+
+
+class ThrottledLoginMixin:
+    """A sign-in form that refuses an address past the failure limit before checking the
+    password, and counts each failure (the browser's form and the admin's)."""
+
+    request: Any
+
+    def clean(self) -> dict[str, Any]:
+        if self.request is not None and throttle.blocked(self.request):
+            raise forms.ValidationError(throttle.message().capitalize() + ".", code="throttled")
+        try:
+            return super().clean()  # type: ignore[misc, no-any-return]
+        except forms.ValidationError:
+            if self.request is not None:
+                throttle.record_failure(self.request)
+            raise
+
+
+class LoginForm(ThrottledLoginMixin, AuthenticationForm):
+    pass
+
+
+class AdminLoginForm(ThrottledLoginMixin, AdminAuthenticationForm):
+    pass

@@ -4,7 +4,10 @@ from drf_spectacular.renderers import OpenApiJsonRenderer
 from drf_spectacular.views import SpectacularSwaggerView
 from rest_framework import permissions
 
+from labsite.auth import AdminLoginForm
 from labsite.schema import CachedSchemaView
+
+admin.site.login_form = AdminLoginForm
 
 urlpatterns = [
     path(

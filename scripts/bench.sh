@@ -7,6 +7,7 @@ ensure_venv "dev"
 source <(sed -n '/^pg_ready()/,/^}/p; /^ensure_postgres()/,/^}/p' scripts/test.sh)
 export REDIS_URL="${TEST_REDIS_URL:-redis://127.0.0.1:6379/15}"
 ensure_redis "$REDIS_URL"
+ensure_run_user
 base=$(ensure_postgres)
 admin_url="${base%/labsite}/postgres"
 fresh_db() {

@@ -76,3 +76,16 @@ ensure_redis() {
   for _ in $(seq 50); do redis_ping "$url" && return 0; sleep 0.1; done
   die "redis-server did not answer at $url"
 }
+
+ensure_run_user() {
+  # ensure_run_user : the unprivileged Unix user that the local host's runs execute as (root on
+  # Debian creates it; elsewhere the local host then takes admins' runs only, see the README).
+  local name="${LABSITE_LOCAL_RUN_USER:-labsite-run}"
+  [ -n "$name" ] || return 0
+  id -u "$name" >/dev/null 2>&1 && return 0
+  is_root_debian || { say "no user $name: the local host will take admins' runs only"; return 0; }
+  say "creating the Unix user $name for runs on this machine"
+  useradd --system --user-group --create-home --home-dir "/var/lib/$name" \
+    --shell /usr/sbin/nologin "$name"
+  chmod 700 "/var/lib/$name"
+}

@@ -7,6 +7,7 @@ cd "$ROOT"
 export REDIS_URL="${REDIS_URL:-redis://127.0.0.1:6379/0}"
 ensure_venv ""
 ensure_redis "$REDIS_URL"
+ensure_run_user
 say "migrating the database"
 "$PY" manage.py migrate --noinput -v0
 "$PY" manage.py collectstatic --noinput -v0

@@ -56,6 +56,21 @@ def celery_worker(transactional_db: None, tmp_path: Any) -> Any:
 
 
 @pytest.fixture(autouse=True)
+def _no_auth_failures_carried_over(settings: Any) -> None:
+    """Every test client comes from 127.0.0.1: one test's failed sign-ins must not throttle
+    the next. Only the throttle's own keys are deleted (the db is the tests' Redis db)."""
+    from labsite import throttle
+
+    try:
+        client = throttle._client(settings.REDIS_URL)
+        keys = list(client.scan_iter(match=throttle.PREFIX + "*", count=1000))
+        if keys:
+            client.delete(*keys)
+    except Exception:  # noqa: BLE001, S110 - no Redis: nothing was counted either
+        pass
+
+
+@pytest.fixture(autouse=True)
 def _fast_password_hasher(settings: Any) -> None:
     # PBKDF2 costs ~0.5 s per user on these machines; tests do not need a slow hash.
     settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]

@@ -23,14 +23,14 @@ django.setup()
 from django.db import connection  # noqa: E402
 from rest_framework.test import APIClient  # noqa: E402
 
-from clusters import ssh  # noqa: E402
-from clusters.executors import Executor, LaunchSpec  # noqa: E402
+from clusters.executors import Executor, LaunchSpec, SshTransport  # noqa: E402
 from clusters.models import Host  # noqa: E402
 from clusters.services import host_ensure_local, host_probe  # noqa: E402
 from experiments import runner  # noqa: E402
 from experiments.models import Run  # noqa: E402
 from labsite.models import ApiToken  # noqa: E402
 from labsite.roles import assign_role  # noqa: E402
+from tests.harness.localruns import local_root  # noqa: E402
 from tests.harness.sshhosts import SshLab  # noqa: E402
 from tests.harness.worker import Worker, redis_test_client, wait_for  # noqa: E402
 
@@ -93,7 +93,7 @@ def poll_cycle(lab: SshLab, hosts: list[Host]) -> dict[str, float]:
     user = get_user_model().objects.get(username="bench-runs")
     per_host = N_POLL_RUNS // len(hosts)
     for host in hosts:
-        ex = Executor(ssh.SshTransport.for_host(host))
+        ex = Executor(SshTransport.for_host(host))
         rows = []
         for i in range(per_host):
             run = Run(
@@ -108,13 +108,13 @@ def poll_cycle(lab: SshLab, hosts: list[Host]) -> dict[str, float]:
             rows.append(run)
         Run.objects.bulk_create(rows)
     calls = {"n": 0}
-    original = ssh.SshTransport.run
+    original = SshTransport.run
 
     def counted(self, *a, **k):  # type: ignore[no-untyped-def]
         calls["n"] += 1
         return original(self, *a, **k)
 
-    ssh.SshTransport.run = counted  # type: ignore[method-assign]
+    SshTransport.run = counted  # type: ignore[method-assign]
     try:
         for host in hosts:  # warm the pooled connections and the server's copies
             runner.host_poll(host.pk)
@@ -130,7 +130,7 @@ def poll_cycle(lab: SshLab, hosts: list[Host]) -> dict[str, float]:
             walls.append((time.perf_counter() - t0) * 1000)
         trips = calls["n"] / 5
     finally:
-        ssh.SshTransport.run = original  # type: ignore[method-assign]
+        SshTransport.run = original  # type: ignore[method-assign]
     return {
         "runs": per_host * len(hosts),
         "round_trips": trips,
@@ -164,7 +164,7 @@ def main() -> None:
             hosts = [register(h) for h in lab]
             ssh_samples = submit_to_start(api, hosts[0], Path(lab[0].home) / ".labsite" / "runs")
             local = host_ensure_local()
-            local_samples = submit_to_start(api, local, Path(local.run_root))
+            local_samples = submit_to_start(api, local, local_root(local.run_root))
         finally:
             worker.stop()
         poll = poll_cycle(lab, hosts)

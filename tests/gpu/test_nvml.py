@@ -11,13 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from clusters import gpus
+from clusters import gpus, localuser
 from clusters.executors import Executor, LaunchSpec, LocalTransport, RunRef
 from clusters.models import Gpu
 from clusters.services import inventory_refresh_local, local_pid_runs
 from experiments import runner, scheduler, selectors, services
 from experiments.actors import Actor
 from experiments.models import GpuLease, Run, RunEvent
+from tests.harness.localruns import run_user_dir
 from tests.harness.worker import wait_for
 
 pytestmark = pytest.mark.gpu
@@ -183,17 +184,25 @@ def test_a_pinned_run_sees_exactly_its_gpu(tmp_path):
 
 
 @pytest.mark.django_db
-def test_a_gpu_run_is_placed_pinned_confirmed_and_released(tmp_path, member):
+def test_a_gpu_run_is_placed_pinned_confirmed_and_released(admin):
     """GIVEN the server's own GPUs WHEN a run asking for 1 GPU goes through the scheduler, the
     launch and the polls THEN it leases a free GPU, runs on that GPU only, the poll confirms it
-    there (its process carries its LABSITE_RUN_ID), and the lease is released when it ends."""
+    there (its process carries its LABSITE_RUN_ID), and the lease is released when it ends.
+    An admin's run: on a machine without a run user the local host takes admins' runs only."""
+    with run_user_dir() as scratch:
+        _run_through_the_scheduler(admin, scratch)
+
+
+def _run_through_the_scheduler(admin, scratch):  # type: ignore[no-untyped-def]
     host = inventory_refresh_local()
-    host.enabled, host.run_root = True, str(tmp_path / "runs")
+    host.enabled, host.run_root = True, str(scratch / "runs")
     host.save(update_fields=["enabled", "run_root"])
-    (tmp_path / "hold.py").write_text(HOLD)
+    (scratch / "hold.py").write_text(HOLD)
+    (scratch / "hold.py").chmod(0o644)
+    python = localuser.python_for(localuser.run_user())
     run = services.run_create(
-        actor=Actor(kind="user", user=member.user),
-        command=f"{sys.executable} {tmp_path / 'hold.py'} 512 6",
+        actor=Actor(kind="user", user=admin.user),
+        command=f"{python} {scratch / 'hold.py'} 512 6",
         gpus=1,
         gpuwrap_config={"enabled": True, "retries": -1, "retry_delay_seconds": 30},
         auto_start=True,

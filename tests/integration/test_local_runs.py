@@ -16,6 +16,7 @@ from clusters.services import host_ensure_local
 from experiments import runner, scheduler, services
 from experiments.actors import Actor
 from experiments.models import Run
+from tests.harness.localruns import run_user_dir
 from tests.harness.worker import wait_for
 
 TERMINAL = {"finished", "failed", "stopped"}
@@ -81,7 +82,14 @@ def test_output_interleaved_unicode_bytes_and_progress_bars(local, member):
     assert b"\xff\xfe" in raw and b"step 1/3\r" in raw, "the raw log is kept as bytes"
 
 
-def test_shell_metacharacters_are_data_not_code(local, member, tmp_path):
+@pytest.fixture
+def scratch():
+    """A directory this host's runs may write (they run as the run user where there is one)."""
+    with run_user_dir() as path:
+        yield path
+
+
+def test_shell_metacharacters_are_data_not_code(local, member, scratch):
     canary = Path(f"/tmp/lab-canary-{os.getpid()}")
     evil = f"$(touch {canary}); `touch {canary}`; touch {canary}"
     run_id = create(
@@ -89,7 +97,7 @@ def test_shell_metacharacters_are_data_not_code(local, member, tmp_path):
         name=evil,
         command="printf '%s|%s\\n' \"$EVIL\" 'it'\"'\"'s $HOME'",
         env={"EVIL": evil, "QUOTES": "a'b\"c\\d"},
-        workdir=str(tmp_path),
+        workdir=str(scratch),
     )
     assert ended(run_id).status == "finished"
     assert logs(member.client, run_id)["content"].strip() == f"{evil}|it's $HOME"
@@ -151,6 +159,49 @@ def test_stop_kills_children_that_ignore_sigterm(local, member):
     assert run.pid and gone_or_zombie(run.pid), "the wrapper outlived the stop"
 
 
+def test_a_stopped_run_is_stopped_only_once_nothing_of_it_is_left(local, member):
+    """GIVEN a run whose main process dies on SIGTERM but whose child ignores it WHEN it is
+    stopped THEN it shows `stopped` (and its leases go) only after the grace period's SIGKILL
+    took the child: until then it is running with stop_requested. (On a7cc089 the next poll saw
+    the wrapper's exit code and showed `stopped` while the child lived on for the grace.)"""
+    run_id = create(
+        member.client, name="half", command="(trap '' TERM; sleep 600) & echo started; wait"
+    )
+    wait_for(
+        lambda: (
+            Run.objects.get(pk=run_id).status == "running"
+            and "started" in logs(member.client, run_id)["content"]
+        ),
+        timeout=60,
+    )
+    marker = f"LABSITE_RUN_ID={run_id}".encode()
+
+    def left() -> list[str]:
+        found = []
+        for proc in Path("/proc").iterdir():
+            try:
+                if proc.name.isdigit() and marker in (proc / "environ").read_bytes().split(b"\0"):
+                    found.append(proc.name)
+            except OSError:
+                continue
+        return found
+
+    assert left(), "the run's processes are not visible"
+    assert member.client.post(f"/api/runs/{run_id}/stop").status_code == 200
+    seen_running_with_stop = False
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        run = Run.objects.get(pk=run_id)
+        alive = left()
+        if run.status in TERMINAL:
+            assert alive == [], f"{run.status} while processes of it live: {alive}"
+            break
+        seen_running_with_stop |= run.stop_requested_at is not None and not alive == []
+        time.sleep(0.05)
+    assert Run.objects.get(pk=run_id).status == "stopped"
+    assert seen_running_with_stop
+
+
 def test_stop_of_a_queued_run_never_starts_it(local, member):
     run_id = create(
         member.client, name="q", command="echo should-not-run", host="local", gpus=1
@@ -171,11 +222,11 @@ def sent(monkeypatch) -> list[tuple[str, tuple[Any, ...]]]:
 
 
 @pytest.fixture
-def placed(member, tmp_path, sent):
+def placed(member, scratch, sent):
     """`placed.run(command)`: a CPU run on `placed.host` (local), placed (launching) and not
     dispatched yet; no worker runs, so each test says when a dispatch or a poll arrives."""
     host = host_ensure_local()
-    host.enabled, host.run_root = True, str(tmp_path / "runs")
+    host.enabled, host.run_root = True, str(scratch / "runs")
     host.save(update_fields=["enabled", "run_root"])
     actor = Actor(kind="user", user=member.user)
 
@@ -191,12 +242,12 @@ def placed(member, tmp_path, sent):
 
 
 @pytest.mark.django_db
-def test_a_run_stopped_while_launching_never_starts(placed, sent, tmp_path):
+def test_a_run_stopped_while_launching_never_starts(placed, sent, scratch):
     """GIVEN a launching run whose dispatch has not reached the host (a host cut off, a broker
     hiccup) WHEN it is stopped and then a late dispatch and a poll arrive before the cancel
     THEN neither starts its command: the poll sends the cancel, which records `stopped`.
     (The ssh tier saw this race: a tick poll re-sent the dispatch before the cancel ran.)"""
-    late = tmp_path / "late-executed"
+    late = scratch / "late-executed"
     run = placed.run(f"touch {late}")
     services.run_stop(run=Run.objects.get(pk=run.pk), actor=placed.actor)
 
