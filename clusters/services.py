@@ -14,7 +14,7 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from clusters import gpus as gpu_lib
-from clusters import localuser
+from clusters import localuser, signals
 from clusters.choices import GpuSource, HostKind, HostState
 from clusters.models import Gpu, Host
 
@@ -319,10 +319,7 @@ def _probe(host: Host, now: Any) -> tuple[Host, str]:
     try:
         seen = executors.probe(target)
     except executors.HostKeyMismatch as exc:
-        facts = {**host.facts, "presented_fingerprint": exc.got}
-        Host.objects.filter(pk=host.pk).update(
-            state=HostState.KEY_MISMATCH, state_note=str(exc)[:500], facts=facts
-        )
+        host_refuse_key(host=host, expected=exc.expected, presented=exc.got, note=str(exc))
         host.refresh_from_db()
         return host, HostState.KEY_MISMATCH
     except Exception as exc:  # noqa: BLE001 - any failure to connect means offline, with why
@@ -338,6 +335,37 @@ def _probe(host: Host, now: Any) -> tuple[Host, str]:
     )
     host.refresh_from_db()
     return host, host.state
+
+
+def host_refuse_key(*, host: Host, expected: str, presented: str, note: str) -> bool:
+    """The host presented another key than the pinned one: nothing is sent to it until an admin
+    accepts the new key. True (and host_key_changed sent, once) when this marked it."""
+    changed = (
+        Host.objects.filter(pk=host.pk)
+        .exclude(state=HostState.KEY_MISMATCH)
+        .update(
+            state=HostState.KEY_MISMATCH,
+            state_note=note[:500],
+            facts={**host.facts, "presented_fingerprint": presented},
+        )
+    )
+    if changed:
+        signals.host_key_changed.send(
+            sender=Host, host=host, expected=expected, presented=presented
+        )
+    return bool(changed)
+
+
+def host_mark_unreachable(*, host: Host, error: str) -> None:
+    """A transport error: the host is offline (a refused key stays what it is)."""
+    Host.objects.filter(pk=host.pk).exclude(state=HostState.KEY_MISMATCH).update(
+        state=HostState.OFFLINE, state_note=error[:500]
+    )
+
+
+def host_mark_seen(*, host: Host) -> None:
+    """The host answered (a poll of a host without a GPU inventory of its own to store)."""
+    Host.objects.filter(pk=host.pk).update(state=HostState.ONLINE, last_seen_at=timezone.now())
 
 
 def host_accept_key(*, host: Host, fingerprint: str) -> Host:

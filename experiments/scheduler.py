@@ -34,7 +34,7 @@ from clusters.choices import HostKind, HostState
 from clusters.gpus import GpuPolicy
 from clusters.models import Gpu, Host
 from clusters.services import LOCAL_HOST_NAME, gpu_policy
-from experiments import services
+from experiments import jobs, services
 from experiments.actors import Actor
 from experiments.choices import ACTIVE, PLAN_CLEARED, RunReason, RunStatus
 from experiments.models import Alert, GpuLease, Plan, Run
@@ -229,10 +229,7 @@ def _place(run: Any, host: _HostRef | Host, gpus: list[_FreeGpu]) -> bool | None
                 fields={"host_id": host.id, "waiting_reason": "", "dispatch_attempts": 0},
             ):
                 raise _Lost()
-            run_id = run.id
-            transaction.on_commit(
-                lambda: services.enqueue("experiments.tasks.dispatch_run", run_id)
-            )
+            jobs.dispatch_later(run.id)
     except IntegrityError:
         return None
     except _Lost:

@@ -273,7 +273,7 @@ def collapse_carriage_returns(text: str) -> str:
 
 def run_log(run: Run, *, offset: int, limit: int) -> dict[str, Any]:
     """A byte window of the server's copy of the run's output (never read from the host)."""
-    from experiments.runner import log_path
+    from experiments.rundir import log_path
 
     path = log_path(run.id)
     try:

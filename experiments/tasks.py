@@ -13,7 +13,7 @@ from celery import shared_task
 from celery.signals import worker_ready
 from django.conf import settings
 
-from experiments import runner, scheduler
+from experiments import jobs, runner, scheduler
 from labsite import locks
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ def _one_at_a_time(name: str, body: Callable[[], object]) -> None:
             return
 
 
-@shared_task(name="experiments.tasks.schedule", ignore_result=True)
+@shared_task(name=jobs.SCHEDULE, ignore_result=True)
 def schedule(full: bool = False, cpu: bool = True) -> None:
     """One scheduler pass at a time: kicks (a run created, or ended) ask for a quick pass, the
     timer for a full one; kicks during a pass become one more pass, so a burst costs a few.
@@ -76,7 +76,7 @@ def schedule(full: bool = False, cpu: bool = True) -> None:
     _one_at_a_time("scheduler", one_pass)
 
 
-@shared_task(name="experiments.tasks.dispatch_run", ignore_result=True)
+@shared_task(name=jobs.DISPATCH, ignore_result=True)
 def dispatch_run(run_id: str) -> None:
     runner.run_dispatch(run_id)
 
@@ -85,7 +85,7 @@ def _recent_poll_key(host_id: int) -> str:
     return f"labsite:poll:{host_id}:recent"
 
 
-@shared_task(name="experiments.tasks.poll_host", ignore_result=True)
+@shared_task(name=jobs.POLL_HOST, ignore_result=True)
 def poll_host(host_id: int) -> None:
     """Polls of one host never overlap, and one asked for during a poll (the watcher's wake-up
     for a run that ended just after the host answered) runs right after it.
@@ -100,13 +100,13 @@ def poll_host(host_id: int) -> None:
 
     def poll() -> None:
         client.set(_recent_poll_key(host_id), 1, px=half_interval_ms)
-        if runner.host_poll(host_id).get("freed"):
+        if runner.host_sync(host_id).get("freed"):
             schedule(full=False, cpu=False)  # a run's end frees GPUs, never a host for CPU runs
 
     _one_at_a_time(f"poll:{host_id}", poll)
 
 
-@shared_task(name="experiments.tasks.poll_all", ignore_result=True)
+@shared_task(name=jobs.POLL_ALL, ignore_result=True)
 def poll_all() -> None:
     """The timer's polls. A host polled less than half an interval ago (a watcher's wake-up)
     is skipped: while runs end, a tick would mostly repeat the poll the watcher just asked for.
@@ -121,12 +121,12 @@ def poll_all() -> None:
             poll_host.delay(host_id)
 
 
-@shared_task(name="experiments.tasks.cancel_run", ignore_result=True)
+@shared_task(name=jobs.CANCEL, ignore_result=True)
 def cancel_run(run_id: str) -> None:
     runner.run_cancel(run_id)
 
 
-@shared_task(name="experiments.tasks.reconcile", ignore_result=True)
+@shared_task(name=jobs.RECONCILE, ignore_result=True)
 def reconcile() -> None:
     runner.reconcile()
 
@@ -134,8 +134,3 @@ def reconcile() -> None:
 @worker_ready.connect
 def _reconcile_on_start(**_: Any) -> None:
     reconcile.delay()
-
-
-@shared_task(name="experiments.tasks.probe_host", ignore_result=True)
-def probe_host(host_id: int) -> None:
-    runner.host_probe(host_id)

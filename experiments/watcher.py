@@ -23,7 +23,7 @@ from django.db import close_old_connections
 from clusters.choices import HostKind, HostState
 from clusters.executors import WATCH_ALIVE, ProtocolError, Stream, TransportError, executor_for
 from clusters.models import Host
-from experiments import runner, services
+from experiments import jobs, runner
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ def watch_forever(
     refresh_seconds: float = HOSTS_REFRESH_SECONDS,
 ) -> None:
     """Keep one HostWatch per watched host until `stop`; wake(host_id) for every report."""
-    wake = wake or (lambda host_id: services.enqueue("experiments.tasks.poll_host", host_id))
+    wake = wake or jobs.poll_soon
     reports: queue.SimpleQueue[int] = queue.SimpleQueue()
     watches: dict[int, HostWatch] = {}
     try:

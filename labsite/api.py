@@ -10,7 +10,7 @@ from django.core.exceptions import RequestDataTooBig
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db import DataError, IntegrityError
 from django.http import Http404, JsonResponse
-from rest_framework import exceptions, pagination, serializers, status
+from rest_framework import exceptions, pagination, routers, serializers, status
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
@@ -60,6 +60,14 @@ def key_or_404(value: str, label: str) -> str:
     if not KEY_PATTERN.fullmatch(value):
         raise exceptions.NotFound(f"{label} not found: {shown_key(value)}")
     return value
+
+
+class OptionalSlashRouter(routers.SimpleRouter):
+    """Agents write paths without a trailing slash; accept both."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trailing_slash = "/?"
 
 
 class Pagination(pagination.LimitOffsetPagination):

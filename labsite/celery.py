@@ -17,14 +17,11 @@ app.autodiscover_tasks()
 def _beat_schedule(sender: Celery, **_: object) -> None:
     from django.conf import settings
 
+    from clusters import tasks as cluster_tasks
+    from experiments import jobs
+
     lab = settings.LABSITE
-    for interval, task, kwargs in [
-        (lab["INVENTORY_INTERVAL_SECONDS"], "clusters.tasks.refresh_local_inventory", {}),
-        (lab["POLL_INTERVAL_SECONDS"], "experiments.tasks.poll_all", {}),
-        # The timer's pass is the full one: reasons, no_gpu expiry, anything a kick missed.
-        (lab["SCHEDULE_INTERVAL_SECONDS"], "experiments.tasks.schedule", {"full": True}),
-        (lab["RECONCILE_INTERVAL_SECONDS"], "experiments.tasks.reconcile", {}),
-    ]:
+    for interval, task, kwargs in cluster_tasks.periodic(lab) + jobs.periodic(lab):
         # A tick that could not run in time is dropped, not piled up behind the next one.
         signature = sender.signature(task, kwargs=kwargs, expires=interval)
         sender.add_periodic_task(interval, signature, name=task)

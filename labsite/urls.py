@@ -24,7 +24,9 @@ urlpatterns = [
         ),
         name="api-docs",
     ),
+    # The /api router: each app's api/urls.py.
     path("api/", include("experiments.api.urls")),
+    path("api/", include("clusters.api.urls")),
     path("admin/", admin.site.urls),
     path("", include("experiments.urls")),
 ]

@@ -44,10 +44,10 @@ class IsAdminForWrites(permissions.BasePermission):
 
 def _probe_and_wait(host: Host) -> Host:
     """Ask a worker to probe (no SSH in a web request) and wait briefly for its answer."""
-    from labsite.celery import app
+    from clusters.tasks import probe_host
 
     asked = timezone.now()
-    app.send_task("experiments.tasks.probe_host", args=[host.pk])
+    probe_host.delay(host.pk)
     deadline = time.monotonic() + settings.LABSITE["HOST_PROBE_WAIT_SECONDS"]
     while time.monotonic() < deadline:
         host.refresh_from_db()

@@ -2,8 +2,8 @@
 
 One protocol (protocol.py: parameters and parsers; scripts/: the remote side as files), two
 transports: the server's own machine (transport.py) and SSH hosts (ssh.py, the paramiko
-pool). Callers outside this package import from here only. clusters/ never imports
-experiments/.
+pool). Callers outside this package import from here only. A LaunchSpec knows nothing of
+plans, sweeps or users.
 """
 
 from __future__ import annotations

@@ -1,24 +1,13 @@
 from django.urls import path
-from rest_framework.routers import SimpleRouter
 
-from clusters.api.views import HostViewSet
 from experiments.api import views
-
-
-class OptionalSlashRouter(SimpleRouter):
-    """Agents write paths without a trailing slash; accept both."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.trailing_slash = "/?"
-
+from labsite.api import OptionalSlashRouter
 
 router = OptionalSlashRouter()
 router.register("runs", views.RunViewSet, basename="run")
 router.register("sweeps", views.SweepViewSet, basename="sweep")
 router.register("plans", views.PlanViewSet, basename="plan")
 router.register("alerts", views.AlertViewSet, basename="alert")
-router.register("hosts", HostViewSet, basename="host")
 router.register("prompt-skills", views.PromptSkillViewSet, basename="prompt-skill")
 
 urlpatterns = [

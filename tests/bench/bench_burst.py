@@ -26,10 +26,10 @@ from django.db import connection  # noqa: E402
 
 from clusters.models import Host  # noqa: E402
 from clusters.services import host_ensure_local, host_probe  # noqa: E402
-from experiments import services  # noqa: E402
+from experiments import jobs, services  # noqa: E402
 from experiments.actors import Actor  # noqa: E402
 from experiments.models import GpuLease, Run  # noqa: E402
-from experiments.runner import log_path  # noqa: E402
+from experiments.rundir import log_path  # noqa: E402
 from tests.harness import fakegpu  # noqa: E402
 from tests.harness.sshhosts import SshLab  # noqa: E402
 from tests.harness.worker import Worker, redis_test_client, wait_for  # noqa: E402
@@ -98,7 +98,7 @@ def main() -> None:
                 for i in range(N_RUNS)
             ]
             submitted = time.time() - t0
-            services.enqueue("experiments.tasks.schedule")
+            jobs.kick_scheduler()
             wait_for(
                 lambda: (
                     Run.objects.filter(pk__in=ids, status__in=["finished", "failed"]).count()

@@ -117,7 +117,7 @@ def poll_cycle(lab: SshLab, hosts: list[Host]) -> dict[str, float]:
     SshTransport.run = counted  # type: ignore[method-assign]
     try:
         for host in hosts:  # warm the pooled connections and the server's copies
-            runner.host_poll(host.pk)
+            runner.host_sync(host.pk)
         calls["n"] = 0
         walls = []
         for _ in range(5):
@@ -141,7 +141,7 @@ def poll_cycle(lab: SshLab, hosts: list[Host]) -> dict[str, float]:
 
 def _poll_in_thread(host_id: int) -> None:
     try:
-        runner.host_poll(host_id)
+        runner.host_sync(host_id)
     finally:
         connection.close()
 

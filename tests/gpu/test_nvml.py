@@ -15,7 +15,7 @@ from clusters import gpus, localuser
 from clusters.executors import Executor, LaunchSpec, LocalTransport, RunRef
 from clusters.models import Gpu
 from clusters.services import inventory_refresh_local, local_pid_runs
-from experiments import runner, scheduler, selectors, services
+from experiments import rundir, runner, scheduler, selectors, services
 from experiments.actors import Actor
 from experiments.models import GpuLease, Run, RunEvent
 from tests.harness.localruns import run_user_dir
@@ -216,7 +216,7 @@ def _run_through_the_scheduler(admin, scratch):  # type: ignore[no-untyped-def]
     assert Run.objects.get(pk=run.pk).status == "running"
 
     def confirmed() -> bool:
-        runner.host_poll(host.id)
+        runner.host_sync(host.id)
         return RunEvent.objects.filter(run=run, reason="gpu_confirmed").exists()
 
     wait_for(confirmed, what="the poll confirming the run on its GPU")
@@ -225,12 +225,12 @@ def _run_through_the_scheduler(admin, scratch):  # type: ignore[no-untyped-def]
     assert not run.alerts.exists(), list(run.alerts.values_list("message", flat=True))
 
     def ended() -> Run | None:
-        runner.host_poll(host.id)
+        runner.host_sync(host.id)
         r = Run.objects.get(pk=run.pk)
         return r if r.status not in ("launching", "running") else None
 
     done = wait_for(ended, what="the run ending")
     assert done.status == "finished", (done.status, done.error)
-    assert "HOLDING" in (Path(runner.log_path(run.id)).read_text()), "the run never held its GPU"
+    assert "HOLDING" in (Path(rundir.log_path(run.id)).read_text()), "the run never held its GPU"
     assert not GpuLease.objects.filter(run=run, released_at__isnull=True).exists()
     assert local_pid_runs(gpus.read_nvml()) == {}

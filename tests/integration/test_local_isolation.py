@@ -19,7 +19,7 @@ from clusters import localuser
 from clusters.executors import Executor, LaunchSpec, LocalTransport, RunRef
 from clusters.models import Host
 from clusters.services import host_ensure_local
-from experiments import scheduler, services
+from experiments import jobs, scheduler, services
 from experiments.actors import Actor
 from experiments.models import Run
 from tests.harness.api import create, ended
@@ -170,7 +170,7 @@ def test_a_members_run_waits_with_a_reason_where_there_is_no_run_user(
     THEN it waits, saying why, while an admin's run goes to the local host; WHEN the lab trusts
     its members there THEN the member's run starts too. (No worker: the pass runs here, with
     this process's settings, and dispatches are recorded instead of sent.)"""
-    monkeypatch.setattr(services, "enqueue", lambda *args, **kwargs: None)
+    monkeypatch.setattr(jobs, "_send", lambda *args, **kwargs: None)
     settings.LABSITE = {**settings.LABSITE, "LOCAL_RUN_USER": ""}
     host = host_ensure_local()
     Host.objects.filter(pk=host.pk).update(enabled=True)

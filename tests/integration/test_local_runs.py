@@ -13,7 +13,7 @@ import pytest
 from django.utils import timezone
 
 from clusters.services import host_ensure_local
-from experiments import runner, scheduler, services
+from experiments import jobs, runner, scheduler, services
 from experiments.actors import Actor
 from experiments.models import Run
 from tests.harness.localruns import run_user_dir
@@ -217,7 +217,7 @@ def test_stop_of_a_queued_run_never_starts_it(local, member):
 def sent(monkeypatch) -> list[tuple[str, tuple[Any, ...]]]:
     """The tasks the code under test sends (name, args), recorded instead of queued."""
     tasks: list[tuple[str, tuple[Any, ...]]] = []
-    monkeypatch.setattr(services, "enqueue", lambda name, *args, **kw: tasks.append((name, args)))
+    monkeypatch.setattr(jobs, "_send", lambda name, *args, **kw: tasks.append((name, args)))
     return tasks
 
 
@@ -236,12 +236,14 @@ def placed(member, scratch, sent):
         )
         scheduler.schedule_pass()
         assert Run.objects.get(pk=run.pk).status == "launching"
+        assert ("experiments.tasks.dispatch_run", (run.pk,)) in sent  # the placement's own
+        sent.clear()  # what the tests look at are the sends that come after it
         return run
 
     return SimpleNamespace(host=host, actor=actor, run=make)
 
 
-@pytest.mark.django_db
+@pytest.mark.django_db(transaction=True)  # the runner sends its tasks as commits happen
 def test_a_run_stopped_while_launching_never_starts(placed, sent, scratch):
     """GIVEN a launching run whose dispatch has not reached the host (a host cut off, a broker
     hiccup) WHEN it is stopped and then a late dispatch and a poll arrive before the cancel
@@ -252,7 +254,7 @@ def test_a_run_stopped_while_launching_never_starts(placed, sent, scratch):
     services.run_stop(run=Run.objects.get(pk=run.pk), actor=placed.actor)
 
     runner.run_dispatch(run.id)  # sent before the stop, delivered after it
-    runner.host_poll(placed.host.id)  # finds the run missing on the host
+    runner.host_sync(placed.host.id)  # finds the run missing on the host
     assert ("experiments.tasks.cancel_run", (run.id,)) in sent
     assert ("experiments.tasks.dispatch_run", (run.id,)) not in sent
     runner.run_cancel(run.id)
@@ -263,23 +265,23 @@ def test_a_run_stopped_while_launching_never_starts(placed, sent, scratch):
     assert (done.status, done.reason, done.pid) == ("stopped", "user_stop", None)
 
 
-@pytest.mark.django_db
+@pytest.mark.django_db(transaction=True)
 def test_a_dispatch_on_its_way_is_not_sent_twice_and_a_lost_one_is(placed, sent):
     """GIVEN a run just placed, its dispatch not yet on the host WHEN a poll finds it missing
     THEN the dispatch is not sent again (it is on its way); WHEN it is still missing after
     runner.DISPATCH_RESEND_AFTER THEN it was lost, and the poll sends it again."""
     run, host = placed.run("true"), placed.host
-    runner.host_poll(host.id)
+    runner.host_sync(host.id)
     assert ("experiments.tasks.dispatch_run", (run.id,)) not in sent
     assert Run.objects.get(pk=run.pk).status == "launching"  # waiting, not lost
     late = timezone.now() - runner.DISPATCH_RESEND_AFTER - timedelta(seconds=1)
     Run.objects.filter(pk=run.pk).update(launched_at=late)
-    runner.host_poll(host.id)
+    runner.host_sync(host.id)
     assert sent.count(("experiments.tasks.dispatch_run", (run.id,))) == 1
     runner.run_dispatch(run.id)  # the resent dispatch arrives: the run starts, once
     done = wait_for(
         lambda: (
-            runner.host_poll(host.id) and (r := Run.objects.get(pk=run.pk)).status in TERMINAL and r
+            runner.host_sync(host.id) and (r := Run.objects.get(pk=run.pk)).status in TERMINAL and r
         ),
         timeout=30,
     )

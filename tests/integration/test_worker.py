@@ -53,7 +53,7 @@ def test_a_timer_poll_right_after_another_poll_is_skipped(db, settings, monkeypa
     settings.LABSITE = {**settings.LABSITE, "POLL_INTERVAL_SECONDS": 1.0}
     polled: list[int] = []
     sent: list[int] = []
-    monkeypatch.setattr(runner, "host_poll", lambda host_id: polled.append(host_id) or {})
+    monkeypatch.setattr(runner, "host_sync", lambda host_id: polled.append(host_id) or {})
     monkeypatch.setattr(runner, "hosts_to_poll", lambda: [7, 8])
     monkeypatch.setattr(tasks.poll_host, "delay", lambda host_id: sent.append(host_id))
     tasks.poll_host(7)
@@ -70,7 +70,7 @@ def test_a_poll_that_saw_runs_end_runs_the_quick_pass_itself(member, monkeypatch
     places the run), with no second task; a poll that freed nothing runs none. Only the host's
     answer is stubbed: this is about what the task does with it."""
     from clusters.models import Host
-    from experiments import runner, scheduler, services, tasks
+    from experiments import jobs, runner, scheduler, services, tasks
     from experiments.actors import Actor
     from experiments.models import GpuLease, Run
     from tests.factories import GpuFactory
@@ -94,8 +94,8 @@ def test_a_poll_that_saw_runs_end_runs_the_quick_pass_itself(member, monkeypatch
         scheduler, "schedule_pass", lambda **kw: passes.append(kw) or real_pass(**kw)
     )
     sent: list[str] = []
-    monkeypatch.setattr(services, "enqueue", lambda name, *args, **kw: sent.append(name))
-    monkeypatch.setattr(runner, "host_poll", lambda host_id: {"runs": 2, "freed": host_id == 1})
+    monkeypatch.setattr(jobs, "_send", lambda name, *args, **kw: sent.append(name))
+    monkeypatch.setattr(runner, "host_sync", lambda host_id: {"runs": 2, "freed": host_id == 1})
     tasks.poll_host(2)
     assert passes == []
     assert Run.objects.get(pk=run.pk).status == "queued"

@@ -1,0 +1,94 @@
+"""Dispatch: start a placed run on its host, once (a second dispatch finds the first)."""
+
+from __future__ import annotations
+
+import logging
+
+from django.db.models import F
+
+from clusters.choices import HostKind
+from clusters.executors import (
+    HostKeyMismatch,
+    LaunchSpec,
+    ProtocolError,
+    TransportError,
+    executor_for,
+)
+from clusters.models import Host
+from experiments import jobs, services
+from experiments.actors import Actor
+from experiments.choices import RunReason, RunStatus
+from experiments.models import GpuLease, Run
+from experiments.rundir import run_dir_name
+from experiments.runner.hosts import host_key_mismatch
+
+log = logging.getLogger(__name__)
+SYSTEM = Actor.system()
+
+
+def launch_spec(run: Run, host: Host) -> LaunchSpec:
+    leases = GpuLease.objects.filter(run=run, released_at__isnull=True).select_related("gpu")
+    indices = sorted(lease.gpu.index for lease in leases)
+    wrap = run.gpuwrap_config or {}
+    pin = bool(indices) or (wrap.get("enabled") and host.kind != HostKind.SLURM)
+    return LaunchSpec(
+        run_id=run.id,
+        dir_name=run_dir_name(run),
+        command=run.command,
+        run_root=host.run_root,
+        workdir=run.workdir,
+        env=dict(run.env),
+        env_setup=host.env_setup,
+        cuda_visible_devices=indices if pin else None,
+    )
+
+
+def run_dispatch(run_id: str) -> None:
+    """Start a launching run on its host; safe to run twice (the host keeps the first start)."""
+    run = Run.objects.select_related("host").filter(pk=run_id).first()
+    if run is None or run.status != RunStatus.LAUNCHING or run.host is None:
+        return
+    if run.stop_requested_at is not None:
+        # Stopped before it started: the cancel (which leaves a marker no later launch passes)
+        # ends it. A dispatch sent before the stop, or resent by a poll, must not start it.
+        return
+    Run.objects.filter(pk=run_id).update(dispatch_attempts=F("dispatch_attempts") + 1)
+    try:
+        pid = executor_for(run.host).launch(launch_spec(run, run.host))
+    except HostKeyMismatch as exc:
+        host_key_mismatch(run.host, exc)
+        return
+    except TransportError as exc:
+        log.warning("dispatch of %s: %s (the reconcile pass retries)", run_id, exc)
+        return
+    except (ProtocolError, ValueError) as exc:
+        if services.run_transition(
+            run_id=run_id,
+            to=RunStatus.FAILED,
+            from_=[RunStatus.LAUNCHING],
+            actor=SYSTEM,
+            reason=RunReason.LAUNCH_ERROR,
+            message=str(exc),
+            fields={"error": str(exc)[:2000]},
+        ):
+            jobs.kick_scheduler(cpu=False)  # its GPUs are free again: the next run, now
+        return
+    if pid is None:
+        if services.run_transition(
+            run_id=run_id,
+            to=RunStatus.STOPPED,
+            from_=[RunStatus.LAUNCHING],
+            actor=SYSTEM,
+            reason=RunReason.USER_STOP,
+            message="cancelled before it started",
+        ):
+            jobs.kick_scheduler(cpu=False)
+        return
+    services.run_transition(
+        run_id=run_id,
+        to=RunStatus.RUNNING,
+        from_=[RunStatus.LAUNCHING],
+        actor=SYSTEM,
+        message=f"pid {pid} on {run.host.name}",
+        fields={"pid": pid},
+    )

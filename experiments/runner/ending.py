@@ -1,0 +1,76 @@
+"""How a run that left its host ends: finished, failed (why), or back to the queue."""
+
+from __future__ import annotations
+
+import logging
+
+from experiments import services
+from experiments.actors import Actor
+from experiments.choices import ACTIVE, RunReason, RunStatus
+from experiments.models import Run
+from experiments.rundir import log_path
+from experiments.runner.classify import Failure, classify_failure
+
+log = logging.getLogger(__name__)
+SYSTEM = Actor.system()
+
+MAX_BUSY_REQUEUES = 2
+
+
+def _tail(run_id: str, size: int) -> bytes:
+    """The end of this attempt's output (at most 64 KiB)."""
+    path = log_path(run_id)
+    size = min(size, 64 * 1024)
+    try:
+        with path.open("rb") as f:
+            f.seek(max(0, path.stat().st_size - size))
+            return f.read(size)
+    except OSError:
+        return b""
+
+
+def end_failed(run: Run, code: int | None) -> bool:
+    """A real CUDA out-of-memory is the run's failure (cuda_oom); "all CUDA-capable devices are
+    busy" means its GPU was taken meanwhile: back to the queue, at most MAX_BUSY_REQUEUES times."""
+    failure = classify_failure(_tail(run.id, run.log_size - run.log_base))
+    if failure is Failure.CUDA_OOM:
+        return end_run(
+            run,
+            RunStatus.FAILED,
+            RunReason.CUDA_OOM,
+            f"CUDA out of memory (exit code {code})",
+            code,
+        )
+    if failure is Failure.GPU_BUSY and run.attempt <= MAX_BUSY_REQUEUES:
+        return services.run_transition(
+            run_id=run.id,
+            to=RunStatus.QUEUED,
+            from_=[RunStatus.RUNNING],
+            actor=SYSTEM,
+            reason="gpu_busy_requeue",
+            message=f"its GPU was taken meanwhile (all CUDA-capable devices busy); back to the "
+            f"queue, attempt {run.attempt + 1} of {MAX_BUSY_REQUEUES + 1}",
+            fields={
+                "attempt": run.attempt + 1,
+                "log_base": run.log_size,
+                "metrics_offset": 0,
+                "pid": None,
+                "exit_code": None,
+                **({} if run.host_pinned else {"host_id": None}),
+            },
+            expect={"attempt": run.attempt},
+        )
+    return end_run(run, RunStatus.FAILED, RunReason.EXIT_CODE, f"exit code {code}", code)
+
+
+def end_run(run: Run, to: str, reason: str, message: str, code: int | None = None) -> bool:
+    return services.run_transition(
+        run_id=run.id,
+        to=to,
+        from_=list(ACTIVE),
+        actor=SYSTEM,
+        reason=reason,
+        message=message,
+        fields={"exit_code": code, "error": message if to == RunStatus.FAILED else ""},
+        expect={"attempt": run.attempt},
+    )

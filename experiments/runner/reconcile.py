@@ -1,0 +1,48 @@
+"""Reconcile: after any restart, the hosts are asked again; lost cancels are resent."""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+
+from clusters.choices import HostKind
+from clusters.models import Host
+from experiments import jobs
+from experiments.actors import Actor
+from experiments.choices import ACTIVE
+from experiments.models import Run
+
+log = logging.getLogger(__name__)
+
+log = logging.getLogger(__name__)
+SYSTEM = Actor.system()
+
+
+def hosts_with_active_runs() -> list[int]:
+    return list(
+        Run.objects.filter(status__in=list(ACTIVE), host__isnull=False)
+        .order_by()  # the model's ordering would make DISTINCT return one row per run
+        .values_list("host_id", flat=True)
+        .distinct()
+    )
+
+
+def hosts_to_poll() -> list[int]:
+    """Every enabled host (runs and GPUs) and any disabled one that still has active runs."""
+    enabled = Host.objects.filter(enabled=True, kind__in=[HostKind.LOCAL, HostKind.SSH])
+    return sorted(set(enabled.values_list("id", flat=True)) | set(hosts_with_active_runs()))
+
+
+def reconcile() -> dict[str, int]:
+    """Bring every launching/running run in line with its host; retry lost cancels."""
+    counts: dict[str, int] = defaultdict(int)
+    for host_id in hosts_with_active_runs():
+        # Through the task, so the per-host lock keeps polls of one host from overlapping.
+        jobs.poll_soon(host_id)
+        counts["hosts"] += 1
+    for run_id in Run.objects.filter(
+        status__in=list(ACTIVE), stop_requested_at__isnull=False
+    ).values_list("id", flat=True):
+        jobs.cancel_later(run_id)
+        counts["cancels"] += 1
+    return dict(counts)

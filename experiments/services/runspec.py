@@ -1,0 +1,249 @@
+"""What runs are made of: the checks and fields every way of creating runs shares."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from django.conf import settings
+from django.core.exceptions import PermissionDenied, ValidationError
+from django.utils import timezone
+
+from clusters import localuser
+from clusters.choices import HostKind
+from clusters.models import Host
+from experiments.actors import Actor
+from experiments.choices import (
+    PLAN_CLEARED,
+    STATE_TIMESTAMP,
+    PlanStatus,
+    RunReason,
+    RunStatus,
+)
+from experiments.models import (
+    Plan,
+    Run,
+    RunEvent,
+    Sweep,
+)
+from labsite import roles
+from labsite.validation import INT32_MAX, check_int, check_size, lab_limit
+
+GPUWRAP_KEYS = {"enabled", "retries", "retry_delay_seconds"}
+MAX_RETRY_DELAY_SECONDS = 86400
+MAX_GPUS_PER_RUN = 64
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# What the launcher sets for a run it pinned to GPUs; the run's own env must not undo it.
+GPU_PINNING_ENV = frozenset({"CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER"})
+
+
+def plan_cleared(plan: Plan | None) -> bool:
+    return plan is None or plan.status in PLAN_CLEARED
+
+
+def effective_plan(*, plan: Plan | None, sweep: Sweep | None) -> Plan | None:
+    return plan or (sweep.plan if sweep is not None else None)
+
+
+def start_status(plan: Plan | None) -> str:
+    return RunStatus.QUEUED if plan_cleared(plan) else RunStatus.HELD
+
+
+def validate_gpuwrap_config(config: Any) -> dict[str, Any]:
+    """Check gpuwrap_config's keys and types; unknown keys are an error, not ignored."""
+    if config is None:
+        return {}
+    if not isinstance(config, dict):
+        raise ValidationError({"gpuwrap_config": "must be an object"})
+    unknown = sorted(set(config) - GPUWRAP_KEYS)
+    if unknown:
+        raise ValidationError(
+            {
+                "gpuwrap_config": f"unknown field(s) {', '.join(unknown)}; "
+                f"allowed: {', '.join(sorted(GPUWRAP_KEYS))}"
+            }
+        )
+    enabled = config.get("enabled", False)
+    if not isinstance(enabled, bool):
+        raise ValidationError({"gpuwrap_config": "enabled must be true or false"})
+    retries = config.get("retries", -1)
+    if isinstance(retries, bool) or not isinstance(retries, int) or not -1 <= retries <= INT32_MAX:
+        raise ValidationError(
+            {"gpuwrap_config": f"retries must be an integer from -1 to {INT32_MAX}"}
+        )
+    delay = config.get("retry_delay_seconds", 30)
+    if (
+        isinstance(delay, bool)
+        or not isinstance(delay, int | float)
+        or not 0 <= delay <= MAX_RETRY_DELAY_SECONDS
+    ):
+        raise ValidationError(
+            {
+                "gpuwrap_config": "retry_delay_seconds must be a number from 0 to "
+                f"{MAX_RETRY_DELAY_SECONDS}"
+            }
+        )
+    return {"enabled": enabled, "retries": retries, "retry_delay_seconds": delay}
+
+
+def _check_env(env: Any, *, leases_gpus: bool) -> dict[str, str]:
+    """The run's own environment: valid names, none of Labsite's, within the lab's limits."""
+    if env is None:
+        return {}
+    if not isinstance(env, dict):
+        raise ValidationError({"env": "must be an object of NAME: value"})
+    check_size("env", len(env), "MAX_ENV_VARS", "variables", verb="has")
+    clean = {}
+    for key, value in env.items():
+        if not isinstance(key, str) or not ENV_NAME.fullmatch(key):
+            raise ValidationError({"env": f"{key!r} is not a valid environment variable name"})
+        if key.startswith("LABSITE_"):
+            raise ValidationError({"env": f"{key}: LABSITE_* variables are Labsite's own"})
+        if leases_gpus and key in GPU_PINNING_ENV:
+            raise ValidationError(
+                {
+                    "env": f"{key}: Labsite pins the GPUs of a run that leases them (gpus > 0 or "
+                    "gpuwrap enabled); leave it out"
+                }
+            )
+        if not isinstance(value, str | int | float | bool):
+            raise ValidationError({"env": f"{key}: values must be strings or numbers"})
+        clean[key] = str(value)
+    size = sum(len(f"{key}={value}".encode()) for key, value in clean.items())
+    check_size("env", size, "MAX_ENV_BYTES", "bytes")
+    return clean
+
+
+def name_limit(model: type[Any]) -> int:
+    column: int = model._meta.get_field("name").max_length
+    return min(lab_limit("MAX_NAME_LENGTH"), column)
+
+
+def check_name(field: str, name: str, model: type[Any]) -> str:
+    name = (name or "").strip()
+    check_size(field, len(name), "MAX_NAME_LENGTH", "characters", most=name_limit(model))
+    return name
+
+
+def check_command(field: str, command: str) -> str:
+    command = (command or "").strip()
+    if not command:
+        raise ValidationError({field: "must not be empty"})
+    check_size(field, len(command), "MAX_COMMAND_LENGTH", "characters")
+    return command
+
+
+def require_link(actor: Actor, target: Plan | Sweep | None) -> None:
+    """Work goes under a plan or sweep only by its owner, a PI or an admin: a member borrowing
+    another's approved plan would skip review and spend that plan's GPU-hour budget."""
+    if target is None:
+        return
+    owner_id = target.author_id if isinstance(target, Plan) else target.created_by_id
+    if not roles.can_act_on(actor.user, owner_id):
+        what = "plan" if isinstance(target, Plan) else "sweep"
+        raise PermissionDenied(
+            f"{what} {target.pk} is not yours: only its owner, a PI or an admin may add work to it"
+        )
+
+
+def run_spec(
+    *,
+    actor: Actor,
+    sweep: Sweep | None,
+    plan: Plan | None,
+    workdir: str,
+    env: Mapping[str, Any] | None,
+    gpus: int | None,
+    min_free_mem_mb: int | None,
+    gpuwrap_config: Mapping[str, Any] | None,
+    host: Host | None,
+    priority: int,
+    chat_session_id: str,
+    auto_start: bool,
+    parent: Run | None,
+) -> dict[str, Any]:
+    """The checked fields that runs created together share (one run, or a grid's runs)."""
+    wrap = validate_gpuwrap_config(gpuwrap_config)
+    if gpus is None:
+        gpus = 1 if wrap.get("enabled") else 0
+    check_int("gpus", gpus, minimum=0, maximum=MAX_GPUS_PER_RUN)
+    check_int("min_free_mem_mb", min_free_mem_mb, minimum=0)
+    check_int("priority", priority, minimum=-INT32_MAX)
+    if host is not None and not host.enabled:
+        raise ValidationError({"host": f"host {host.name} is disabled"})
+    if (
+        host is not None
+        and host.kind == HostKind.LOCAL
+        and not localuser.members_may_run_locally()
+        and not roles.is_admin(actor.user)
+    ):
+        raise ValidationError({"host": localuser.admins_only_reason()})
+    clean_env = _check_env(env, leases_gpus=gpus > 0 or bool(wrap.get("enabled")))
+    linked_plan = effective_plan(plan=plan, sweep=sweep)
+    for target in {id(t): t for t in (sweep, plan, linked_plan) if t is not None}.values():
+        require_link(actor, target)
+    check_plan_link(linked_plan)
+    if settings.LABSITE["REQUIRE_PLAN_FOR_GPU_WORK"] and gpus > 0 and linked_plan is None:
+        raise ValidationError(
+            {"plan_id": "this lab requires a plan for GPU work: create one and pass plan_id"}
+        )
+    status = start_status(linked_plan) if auto_start else RunStatus.READY
+    return {
+        "workdir": workdir or "",
+        "env": clean_env,
+        "sweep": sweep,
+        "plan": plan,
+        "status": status,
+        "reason": RunReason.PLAN_NOT_APPROVED if status == RunStatus.HELD else "",
+        "priority": priority,
+        "gpus": gpus,
+        "min_free_mem_mb": min_free_mem_mb,
+        "gpuwrap_config": wrap,
+        "host": host,
+        "host_pinned": host is not None,
+        "chat_session_id": chat_session_id or (sweep.chat_session_id if sweep else ""),
+        "created_by": actor.user,
+        "parent": parent,
+        **({STATE_TIMESTAMP[status]: timezone.now()} if status in STATE_TIMESTAMP else {}),
+    }
+
+
+def new_run(
+    spec: Mapping[str, Any],
+    *,
+    command: str,
+    name: str,
+    params: Mapping[str, Any] | None,
+    run_id: str | None = None,
+) -> Run:
+    """An unsaved run from a spec; the command and name are checked here, per run."""
+    command = check_command("command", command)
+    name = check_name("name", name, Run) or command.split()[0][: name_limit(Run)]
+    run = Run(**spec, command=command, name=name, params=dict(params or {}))
+    if run_id is not None:
+        run.id = run_id
+    return run
+
+
+def created_event(run: Run, *, actor: Actor) -> RunEvent:
+    return RunEvent(
+        run=run,
+        from_status="",
+        to_status=run.status,
+        reason="rerun" if run.parent_id else "created",
+        message=f"rerun of {run.parent_id}" if run.parent_id else "",
+        actor_kind=actor.kind,
+        actor_user_id=actor.user_id,
+        actor_token=actor.token,
+    )
+
+
+def check_plan_link(plan: Plan | None) -> None:
+    if plan is not None and plan.status in {PlanStatus.REJECTED, PlanStatus.ARCHIVED}:
+        raise ValidationError({"plan_id": f"plan {plan.id} is {plan.status}"})
+
+
+def require_owner(actor: Actor, owner_id: int | None, what: str) -> None:
+    if not roles.can_act_on(actor.user, owner_id):
+        raise PermissionDenied(f"only its owner, a PI or an admin may {what}")
