@@ -83,6 +83,14 @@ class Pagination(pagination.LimitOffsetPagination):
     def get_offset(self, request: Request) -> int:
         return query_int(request, self.offset_query_param, default=0, minimum=0)
 
+    def get_schema_operation_parameters(self, view: Any) -> list[dict[str, Any]]:
+        """The bounds get_limit and get_offset enforce, so the schema says what is a 400."""
+        bounds = {self.limit_query_param: {"minimum": 1}, self.offset_query_param: {"minimum": 0}}
+        params = super().get_schema_operation_parameters(view)
+        for param in params:
+            param["schema"].update(bounds.get(param["name"], {}))
+        return params
+
 
 def _first_message(data: Any, path: str = "") -> str:
     if isinstance(data, dict):

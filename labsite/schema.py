@@ -104,3 +104,15 @@ def document_error_responses(result: dict[str, Any], **_: Any) -> dict[str, Any]
             for code, response in _error_responses(path, method, operation).items():
                 responses.setdefault(code, response)
     return result
+
+
+# Bodies whose keys are free by design: a prompt skill's variables may come at the top level.
+OPEN_BODIES = {"RenderRequest"}
+
+
+def forbid_unknown_fields(result: dict[str, Any], **_: Any) -> dict[str, Any]:
+    """Request bodies refuse keys they do not know (labsite.validation): say so in the schema."""
+    for name, component in result.get("components", {}).get("schemas", {}).items():
+        if name.endswith("Request") and name not in OPEN_BODIES and "properties" in component:
+            component["additionalProperties"] = False
+    return result

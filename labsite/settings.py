@@ -186,6 +186,7 @@ SPECTACULAR_SETTINGS = {
         "drf_spectacular.hooks.postprocess_schema_enums",
         "labsite.schema.strip_trailing_slashes",
         "labsite.schema.document_error_responses",
+        "labsite.schema.forbid_unknown_fields",
     ],
     "ENUM_NAME_OVERRIDES": {
         "RunStatusEnum": "experiments.choices.RunStatus",

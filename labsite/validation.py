@@ -128,6 +128,18 @@ class RejectUnknownFieldsMixin:
                         **{key: ["unknown field"] for key in unknown[:10]},
                     }
                 )
+            # DRF's CharField turns 0 into "0": a number where text belongs is a client's bug.
+            wrong = {
+                name: ["must be a string"]
+                for name, field in self.fields.items()
+                if isinstance(field, serializers.CharField)
+                and not field.read_only
+                and name in data
+                and data[name] is not None
+                and not isinstance(data[name], str)
+            }
+            if wrong:
+                raise serializers.ValidationError(wrong)
         return super().to_internal_value(data)  # type: ignore[misc]
 
 

@@ -508,3 +508,17 @@ def test_the_run_form_refuses_keys_no_object_can_have(client, member, field):
     assert response.status_code == 200
     assert "Select a valid choice" in response.content.decode()
     assert not Run.objects.exists()
+
+
+def test_a_number_where_text_belongs_is_refused(member):
+    """schemathesis (ST201): DRF's CharField took `"workdir": 0` and stored "0"."""
+    from experiments.models import Run
+
+    for field in ("workdir", "name", "command"):
+        body = {"command": "true", field: 0}
+        response = member.client.post("/api/runs", body, format="json")
+        assert response.status_code == 400, (field, response.content)
+        assert "must be a string" in response.json()["detail"]
+    assert not Run.objects.exists()
+    plan = member.client.post("/api/plans", {"title": "t", "raw_markdown": 7}, format="json")
+    assert plan.status_code == 400

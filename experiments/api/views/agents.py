@@ -139,7 +139,11 @@ class PromptSkillViewSet(viewsets.ViewSet):
         return self.retrieve(request, pk)
 
     @extend_schema(
-        parameters=[OpenApiParameter("q", str, required=True, description="search words")],
+        parameters=[
+            OpenApiParameter(
+                "q", {"type": "string", "minLength": 1}, required=True, description="search words"
+            )
+        ],
         responses=s.PromptSkillSummarySerializer(many=True),
     )
     @action(detail=False, methods=["get"])

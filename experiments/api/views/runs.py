@@ -90,7 +90,9 @@ class RunViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gene
                 "offset", int, description="byte offset; negative counts from the end"
             ),
             OpenApiParameter(
-                "limit", int, description="bytes to return (default 65536, max 4 MiB)"
+                "limit",
+                {"type": "integer", "minimum": 1, "maximum": 4 * 2**20},
+                description="bytes to return (default 65536, max 4 MiB)",
             ),
         ],
         responses=OpenApiTypes.OBJECT,
