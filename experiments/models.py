@@ -121,6 +121,11 @@ class Run(models.Model):
     )
     params = models.JSONField(default=dict, blank=True)
     status = models.CharField(max_length=12, choices=RunStatus.choices, default=RunStatus.READY)
+    # Why it is in its state (a RunReason), written by run_transition with the event. One value is
+    # set outside it, as bookkeeping that decides nothing: `host_unreachable` on an active run
+    # while its host does not answer (runner.hosts), cleared by the host's next answer
+    # (runner.sync). The host's own row records the outage (clusters: state, note); a run event
+    # per run per outage would only repeat it, and no transition reads the flag.
     reason = models.CharField(max_length=40, blank=True)
     error = models.TextField(blank=True)
     priority = models.IntegerField(default=0)
@@ -141,12 +146,22 @@ class Run(models.Model):
         "self", on_delete=models.SET_NULL, null=True, blank=True, related_name="reruns"
     )
     stop_requested_at = models.DateTimeField(null=True, blank=True)
-    # Why a queued run still waits ("needs 2 GPUs; 1 free on gpu-node-1"), set by the scheduler.
+    # Why a queued run still waits ("needs 2 GPU(s); 1 free on gpu-node-1"): set when it is
+    # queued (run_transition, or creation: "waiting for the scheduler's next pass", or why no
+    # host could ever take it) and rewritten by scheduler passes outside run_transition, without
+    # an event. Bookkeeping that decides nothing (each pass recomputes from capacity); an event
+    # per pass per queued run would bury the audit trail.
     waiting_reason = models.CharField(max_length=500, blank=True)
-    # How much of the host's output.log / metrics.jsonl the server has copied.
+    # How much of the host's output.log / metrics.jsonl the server has copied (the poll's
+    # bookkeeping, moved by conditional updates; no state depends on them).
     log_size = models.BigIntegerField(default=0)
     metrics_offset = models.BigIntegerField(default=0)
     metrics_latest = models.JSONField(default=dict, blank=True)
+    # The seq of the next Metric row: moved with metrics_offset in one conditional UPDATE, so a
+    # poll numbers new rows without counting the old ones.
+    metrics_seq = models.PositiveIntegerField(default=0)
+    # Launches sent to the host for this attempt (runner.dispatch): a counter for the audit of a
+    # launch, reset on placement, that no transition reads; the launch itself is an event.
     dispatch_attempts = models.PositiveIntegerField(default=0)
     # A run sent back to the queue (its GPU was taken meanwhile) starts again in a new directory;
     # log_base is how much of the server's log came from earlier attempts.
@@ -239,9 +254,20 @@ class Alert(models.Model):
     )
     responded_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
+    # What the alert is about ("host-key:gpu-1", "budget:<plan id>:<budget>"): while one is open,
+    # raising the same key again returns it instead of a second alert. Blank: never deduplicated.
+    dedupe_key = models.CharField(max_length=200, blank=True, default="")
 
     class Meta:
         ordering = ["-created_at"]
+        constraints = [
+            # The database, not a check-then-insert, keeps two workers from opening twins.
+            models.UniqueConstraint(
+                fields=["dedupe_key"],
+                condition=Q(status="open") & ~Q(dedupe_key=""),
+                name="alert_one_open_per_dedupe_key",
+            )
+        ]
 
     def __str__(self) -> str:
         return f"[{self.severity}] {self.message[:60]}"

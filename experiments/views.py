@@ -329,13 +329,17 @@ def plan_edit(request: HttpRequest, plan_id: str) -> HttpResponse:
 def _plan_page(
     request: HttpRequest, plan: Plan, bound: dict[str, Any] | None = None, status: int = 200
 ) -> HttpResponse:
+    from experiments.markdown import render_markdown
+
     user = request.user
     owner = roles.can_act_on(user, plan.author_id)
-    sections = [(name, plan.sections[name]) for name in PLAN_SECTIONS if name in plan.sections]
-    sections += [(k, v) for k, v in plan.sections.items() if k not in PLAN_SECTIONS]
     context = {
         "plan": plan,
-        "sections": sections,
+        # The body as the section parser read it (one parser for both), sanitized HTML, its
+        # headings nested under the card's <h2>: an agent's "## Objective" is an <h3>.
+        "body_html": render_markdown(plan.raw_markdown, heading_offset=1),
+        # What a reviewer checks first: which of the sections agents write are there.
+        "sections": [(name, name in plan.sections) for name in PLAN_SECTIONS],
         "events": plan.events.select_related("actor_user"),
         "runs": selectors.runs_list().filter(Q(plan=plan) | Q(plan__isnull=True, sweep__plan=plan)),
         "sweeps": plan.sweeps.all(),

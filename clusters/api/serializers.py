@@ -32,6 +32,8 @@ class HostSerializer(serializers.ModelSerializer):
             "state",
             "state_note",
             "last_seen_at",
+            "probed_at",
+            "inventory_at",
             "gpu_source",
             "gpu_count",
             "gpu_free_max_mem_mb",
@@ -54,6 +56,22 @@ class HostSerializer(serializers.ModelSerializer):
 
     def get_has_identity(self, host: Host) -> bool:
         return bool(host.identity_file)
+
+
+class ProbeRequestSerializer(serializers.Serializer):
+    status = serializers.ChoiceField(choices=["requested"])
+    requested_at = serializers.DateTimeField()
+    poll = serializers.CharField(help_text="GET it until probed_at is later than requested_at")
+
+
+class HostProbeSerializer(HostSerializer):
+    """A host whose probe a worker was asked for: what the database knows now, and the probe."""
+
+    probe = ProbeRequestSerializer(read_only=True)
+
+    class Meta(HostSerializer.Meta):
+        fields = [*HostSerializer.Meta.fields, "probe"]
+        read_only_fields = fields
 
 
 class HostWriteSerializer(ModelInputSerializer):

@@ -1,12 +1,16 @@
-"""Hosts: everyone reads; admins register, change and remove them. Probes run in a worker."""
+"""Hosts: everyone reads; admins register, change and remove them.
+
+Probes run in a worker, never in the request: registering, probing or accepting a key answers
+202 at once with the host as the database knows it and a `probe` saying where to poll
+(`GET /api/hosts/{name}` until `probed_at` is past `probe.requested_at`).
+"""
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
-from django.conf import settings
 from django.db.models import QuerySet
+from django.urls import reverse
 from django.utils import timezone
 from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework import permissions, status, viewsets
@@ -15,7 +19,7 @@ from rest_framework.exceptions import NotFound
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from clusters import services
+from clusters import services, tasks
 from clusters.api import serializers as s
 from clusters.models import Host
 from labsite.api import KEY_PATTERN, ErrorSerializer, shown_key
@@ -42,21 +46,6 @@ class IsAdminForWrites(permissions.BasePermission):
         return is_admin(request.user)
 
 
-def _probe_and_wait(host: Host) -> Host:
-    """Ask a worker to probe (no SSH in a web request) and wait briefly for its answer."""
-    from clusters.tasks import probe_host
-
-    asked = timezone.now()
-    probe_host.delay(host.pk)
-    deadline = time.monotonic() + settings.LABSITE["HOST_PROBE_WAIT_SECONDS"]
-    while time.monotonic() < deadline:
-        host.refresh_from_db()
-        if host.probed_at and host.probed_at >= asked:
-            break
-        time.sleep(0.1)
-    return host
-
-
 class HostViewSet(viewsets.ModelViewSet):
     """The lab's machines; on creation the host key is pinned (or checked against the one given)."""
 
@@ -80,9 +69,22 @@ class HostViewSet(viewsets.ModelViewSet):
         host = self.get_queryset().get(pk=host.pk)
         return Response(s.HostSerializer(host, context={"request": self.request}).data, status=code)
 
-    @extend_schema(request=s.HostWriteSerializer, responses={201: s.HostSerializer})
+    def _probe_later(self, host: Host) -> Response:
+        """Ask a worker to probe (SSH can take seconds, or hang) and answer 202 at once."""
+        requested_at = timezone.now()
+        tasks.probe_later(host.pk)
+        response = self._out(host, status.HTTP_202_ACCEPTED)
+        response.data["probe"] = {
+            "status": "requested",
+            "requested_at": requested_at,
+            "poll": reverse("host-detail", kwargs={"pk": host.name}),
+        }
+        return response
+
+    @extend_schema(request=s.HostWriteSerializer, responses={202: s.HostProbeSerializer})
     def create(self, request: Request) -> Response:
-        """Register a host; the response carries the pinned fingerprint once a worker connected."""
+        """Register a host and ask a worker to probe it: the key is pinned on first contact
+        (poll GET /api/hosts/{name} for its fingerprint and state)."""
         data = s.HostWriteSerializer(data=request.data)
         data.is_valid(raise_exception=True)
         values = dict(data.validated_data)
@@ -92,8 +94,7 @@ class HostViewSet(viewsets.ModelViewSet):
                 host_name=values["name"], key_text=key_text
             )
         host = Host.objects.create(**values)
-        host = _probe_and_wait(host)
-        return self._out(host, status.HTTP_201_CREATED)
+        return self._probe_later(host)
 
     @extend_schema(request=s.HostWriteSerializer, responses=s.HostSerializer)
     def partial_update(self, request: Request, pk: str) -> Response:
@@ -126,19 +127,20 @@ class HostViewSet(viewsets.ModelViewSet):
         host.delete()
         return Response(status=status.HTTP_204_NO_CONTENT)
 
-    @extend_schema(request=None, responses=s.HostSerializer)
+    @extend_schema(request=None, responses={202: s.HostProbeSerializer})
     @action(detail=True, methods=["post"])
     def probe(self, request: Request, pk: str) -> Response:
-        """Check reachability now: online, offline or key_mismatch, with when it was last seen."""
-        return self._out(_probe_and_wait(self.get_object()))
+        """Ask a worker to check reachability: online, offline or key_mismatch (poll the host)."""
+        return self._probe_later(self.get_object())
 
-    @extend_schema(request=s.AcceptKeySerializer, responses=s.HostSerializer)
+    @extend_schema(request=s.AcceptKeySerializer, responses={202: s.HostProbeSerializer})
     @action(detail=True, methods=["post"], url_path="accept-key")
     def accept_key(self, request: Request, pk: str) -> Response:
-        """Admin only: trust the key the host now presents (give its fingerprint to confirm)."""
+        """Admin only: trust the key the host now presents (give its fingerprint to confirm);
+        a worker then probes it with that key."""
         data = s.AcceptKeySerializer(data=request.data)
         data.is_valid(raise_exception=True)
         host = services.host_accept_key(
             host=self.get_object(), fingerprint=data.validated_data["fingerprint"]
         )
-        return self._out(_probe_and_wait(host))
+        return self._probe_later(host)

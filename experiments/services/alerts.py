@@ -6,7 +6,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from django.core.exceptions import PermissionDenied, ValidationError
-from django.db import transaction
+from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from experiments.actors import Actor
@@ -33,8 +33,42 @@ def alert_raise(
     run: Run | None = None,
     severity: str = "warning",
     choices: Iterable[str] = ("acknowledge",),
+    dedupe_key: str = "",
+    once: bool = False,
 ) -> Alert:
-    return Alert.objects.create(run=run, message=message, severity=severity, choices=list(choices))
+    """Raise an alert; with a dedupe_key, at most one is open per key and raising it again
+    returns that one.
+
+    The database's partial unique index on open keys decides a race between two workers, not a
+    check-then-insert: the loser's insert fails inside its savepoint and it returns the winner's
+    alert. once=True also counts an answered alert with the key (a standing condition that every
+    pass sees again, told once).
+    """
+    if not dedupe_key:
+        return Alert.objects.create(
+            run=run, message=message, severity=severity, choices=list(choices)
+        )
+    same = Alert.objects.filter(dedupe_key=dedupe_key)
+    if not once:
+        same = same.filter(status=AlertStatus.OPEN)
+    while True:
+        existing = same.order_by("-id").first()
+        if existing is not None:
+            return existing
+        try:
+            with transaction.atomic():
+                return Alert.objects.create(
+                    run=run,
+                    message=message,
+                    severity=severity,
+                    choices=list(choices),
+                    dedupe_key=dedupe_key,
+                )
+        except IntegrityError:
+            # Lost the race: another worker's open alert is there now, and the next read
+            # returns it. Any other integrity error (a run deleted meanwhile) is the caller's.
+            if not Alert.objects.filter(dedupe_key=dedupe_key, status=AlertStatus.OPEN).exists():
+                raise
 
 
 def alert_respond(*, alert: Alert, actor: Actor, choice: str) -> Alert:
@@ -67,12 +101,10 @@ def alert_respond(*, alert: Alert, actor: Actor, choice: str) -> Alert:
 
 def alert_host_key_changed(*, host: Any, expected: str, presented: str, **_: Any) -> None:
     """clusters' host_key_changed: tell the admins (once while the alert is open)."""
-    if not Alert.objects.filter(
-        status="open", message__startswith=f"Host {host.name} presented"
-    ).exists():
-        alert_raise(
-            message=f"Host {host.name} presented a different SSH host key ({presented}, pinned "
-            f"{expected}). Nothing is sent to it until an admin accepts the new key.",
-            severity="critical",
-            choices=["acknowledge"],
-        )
+    alert_raise(
+        message=f"Host {host.name} presented a different SSH host key ({presented}, pinned "
+        f"{expected}). Nothing is sent to it until an admin accepts the new key.",
+        severity="critical",
+        choices=["acknowledge"],
+        dedupe_key=f"host-key:{host.name}",
+    )

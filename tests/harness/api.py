@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from django.utils.dateparse import parse_datetime
+
 from experiments.models import Run
 from tests.harness.worker import wait_for
 
@@ -11,7 +13,8 @@ TERMINAL = {"finished", "failed", "stopped"}
 
 
 def register(admin: Any, host: Any, **extra: Any) -> dict:
-    """POST /api/hosts for a namespace test host, as an admin; returns the host JSON."""
+    """POST /api/hosts for a namespace test host, as an admin; returns the host JSON once a
+    worker has probed it (the request only asks for the probe: it answers 202 at once)."""
     body = {
         "name": host.name,
         "kind": "ssh",
@@ -22,8 +25,26 @@ def register(admin: Any, host: Any, **extra: Any) -> dict:
         **extra,
     }
     response = admin.client.post("/api/hosts", body, format="json")
-    assert response.status_code == 201, response.content
-    return response.json()
+    assert response.status_code == 202, response.content
+    asked = response.json()
+    assert asked["probe"]["status"] == "requested", asked
+    return wait_probed(admin.client, host.name, after=asked["probe"]["requested_at"])
+
+
+def wait_probed(client: Any, name: str, after: str | None = None, timeout: float = 30) -> dict:
+    """GET /api/hosts/{name} until a worker has probed it (probed_at set, and later than
+    `after`, the probe's requested_at, when given); returns the host JSON."""
+
+    def probed() -> dict | None:
+        response = client.get(f"/api/hosts/{name}")
+        assert response.status_code == 200, response.content
+        host = response.json()
+        stamp = host["probed_at"]
+        if stamp and (after is None or parse_datetime(stamp) >= parse_datetime(after)):
+            return dict(host)
+        return None
+
+    return wait_for(probed, timeout=timeout, what=f"a probe of host {name}")
 
 
 def create(client: Any, host: Any = None, **body: Any) -> str:

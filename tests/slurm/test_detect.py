@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.harness.slurm import SlurmCluster
+from tests.harness.worker import wait_for
 
 
 def _slurm_host(state: dict[str, Any]) -> dict[str, Any]:
@@ -29,14 +30,20 @@ def _check_state(state: dict[str, Any]) -> None:
     assert state["gpu_count"] >= 4, state
 
 
-def test_detect_reports_the_slurm_cluster(slurm_cluster: SlurmCluster, member: Any) -> None:
+def test_detect_reports_the_slurm_cluster(
+    slurm_cluster: SlurmCluster, celery_worker: Any, member: Any
+) -> None:
+    """GIVEN a real Slurm WHEN an agent asks to detect THEN 202 at once (sinfo runs in the
+    worker, never in the request) and GET /api/cluster shows the cluster soon after."""
     response = member.client.post("/api/cluster/detect")
-    assert response.status_code == 200, response.content
-    _check_state(response.json())
+    assert response.status_code == 202, response.content
+    assert response.json()["detect"]["requested_at"]
 
-    response = member.client.get("/api/cluster")
-    assert response.status_code == 200, response.content
-    _check_state(response.json())
+    def detected() -> dict[str, Any] | None:
+        state = member.client.get("/api/cluster").json()
+        return state if any(h["name"] == "slurm" for h in state["hosts"]) else None
+
+    _check_state(wait_for(detected, timeout=30, what="the slurm host in /api/cluster"))
 
 
 def test_gres_job_gets_two_fake_gpus(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:

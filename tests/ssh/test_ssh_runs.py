@@ -11,7 +11,7 @@ import pytest
 
 from clusters.models import Host
 from experiments.models import Alert, Run, RunEvent
-from tests.harness.api import TERMINAL, create, ended, register
+from tests.harness.api import TERMINAL, create, ended, register, wait_probed
 from tests.harness.worker import wait_for
 
 
@@ -30,7 +30,11 @@ def lab(fresh_lab, celery_worker, admin):
 def test_registration_pins_the_key_and_probe_reports_online(lab, admin, member):
     host = Host.objects.get(name=lab[0].name)
     assert host.state == "online" and host.host_key_fingerprint == lab[0].host_key_fingerprint
-    probed = member.client.post(f"/api/hosts/{host.name}/probe").json()
+    # The request only asks a worker to probe: 202 at once, then the client polls the host.
+    asked = member.client.post(f"/api/hosts/{host.name}/probe")
+    assert asked.status_code == 202, asked.content
+    assert asked.json()["probe"]["poll"] == f"/api/hosts/{host.name}"
+    probed = wait_probed(member.client, host.name, after=asked.json()["probe"]["requested_at"])
     assert probed["state"] == "online" and probed["last_seen_at"]
     listed = member.client.get("/api/hosts").json()
     assert "identity_file" not in str(listed) and Path(lab[0].key_path).name not in str(listed)
@@ -151,7 +155,9 @@ def test_a_changed_host_key_is_refused_and_nothing_runs(lab, member, admin):
     accepted = admin.client.post(
         f"/api/hosts/{h.name}/accept-key", {"fingerprint": h.host_key_fingerprint}, format="json"
     )
-    assert accepted.status_code == 200 and accepted.json()["state"] == "online"
+    assert accepted.status_code == 202, accepted.content
+    probed = wait_probed(admin.client, h.name, after=accepted.json()["probe"]["requested_at"])
+    assert probed["state"] == "online"
     assert ended(run_id).status == "finished" and (Path(h.home) / "executed").exists()
 
 
@@ -179,10 +185,10 @@ def test_an_uploaded_key_is_stored_0600_and_never_shown(fresh_lab, celery_worker
         },
         format="json",
     )
-    assert response.status_code == 201, response.content
-    body = response.json()
-    assert body["state"] == "online" and body["has_identity"] is True
+    assert response.status_code == 202, response.content
     assert "PRIVATE KEY" not in response.content.decode()
+    body = wait_probed(admin.client, h.name)
+    assert body["state"] == "online" and body["has_identity"] is True
     stored = Path(settings.DATA_DIR) / "keys" / f"{h.name}.key"
     assert stored.read_text().strip() == key_text.strip()
     assert stored.stat().st_mode & 0o777 == 0o600
