@@ -1,4 +1,14 @@
-"""Status words and the sets that matter, next to each other."""
+"""Status words and the sets that matter, next to each other.
+
+A run's `status` changes only through services.run_transition / runs_transition (a conditional
+UPDATE and a RunEvent). Three kinds of run fields change outside them, on purpose, as
+bookkeeping that never decides a state, each documented on its field in models.Run:
+`waiting_reason` (rewritten by every scheduler pass: an event per pass would bury the audit
+trail), `reason = RunReason.HOST_UNREACHABLE` (a flag while the host does not answer; the host
+row records the outage), and counters and offsets (`dispatch_attempts`, `log_size`,
+`metrics_offset`, `metrics_seq`). `attempt` is not one of them: it moves only with a requeue,
+through run_transition.
+"""
 
 from django.db import models
 

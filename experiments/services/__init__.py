@@ -1,4 +1,5 @@
-"""All writes to the lab's work; a run's status changes only through run_transition.
+"""All writes to the lab's work; a run's status changes only through run_transition (one run)
+or runs_transition (a set of runs, in queries that do not grow with it).
 
 One module per concern: runs (transitions, creation, start/stop/rerun), runspec (the checks
 every way of creating runs shares), sweeps, plans, alerts. Callers use this package's names.
@@ -22,6 +23,7 @@ from experiments.services.runs import (
     run_start,
     run_stop,
     run_transition,
+    runs_transition,
 )
 from experiments.services.runspec import validate_gpuwrap_config
 from experiments.services.sweeps import (
@@ -52,6 +54,7 @@ __all__ = [
     "run_start",
     "run_stop",
     "run_transition",
+    "runs_transition",
     "sweep_create_grid",
     "sweep_create_wild",
     "validate_gpuwrap_config",

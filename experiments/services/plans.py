@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -18,7 +17,6 @@ from experiments.actors import Actor
 from experiments.choices import (
     PLAN_ARCHIVABLE,
     PLAN_DECIDABLE,
-    PLAN_SECTIONS,
     PLAN_SUBMITTABLE,
     PlanStatus,
     RunReason,
@@ -29,54 +27,18 @@ from experiments.models import (
     PlanEvent,
     Run,
 )
-from experiments.services.runs import run_transition
+from experiments.services.runs import runs_transition
 from experiments.services.runspec import require_owner
 from labsite import roles
 from labsite.errors import Conflict
 
-_HEADING = re.compile(r"^#{1,6}\s+(.+?)\s*#*\s*$")
-
-
-def _section_key(title: str) -> str | None:
-    norm = re.sub(r"[^a-z]+", " ", title.lower()).strip()
-    for name in PLAN_SECTIONS:
-        canon = re.sub(r"[^a-z]+", " ", name.lower()).strip()
-        if (
-            norm == canon
-            or norm.startswith(canon)
-            or (name == "Risks & Mitigations" and norm.startswith("risks"))
-        ):
-            return name
-    return None
-
 
 def parse_plan_sections(markdown: str) -> dict[str, str]:
-    """The known sections of a plan's markdown, keyed by their canonical names.
+    """The known sections of a plan's markdown, keyed by their canonical names (parsed by
+    experiments.markdown, the parser that also renders the plan page)."""
+    from experiments.markdown import plan_sections
 
-    A known heading starts a section; an unknown heading of the same or a higher level ends
-    it; deeper headings and `# comments` inside fenced code stay part of it.
-    """
-    sections: dict[str, list[str]] = {}
-    current: str | None = None
-    level = 0
-    fenced = False
-    for line in (markdown or "").splitlines():
-        if line.lstrip().startswith(("```", "~~~")):
-            fenced = not fenced
-        match = None if fenced else _HEADING.match(line)
-        if match:
-            depth = len(line) - len(line.lstrip("#"))
-            key = _section_key(re.sub(r"^\d+[.)]\s*", "", match.group(1)))
-            if key is not None:
-                current, level = key, depth
-                sections.setdefault(current, [])
-                continue
-            if current is not None and depth <= level:
-                current = None
-                continue
-        if current is not None:
-            sections[current].append(line)
-    return {k: "\n".join(v).strip() for k, v in sections.items()}
+    return plan_sections(markdown or "")
 
 
 def plan_create(
@@ -127,10 +89,20 @@ def _plan_transition(
     comment: str = "",
     fields: Mapping[str, Any] | None = None,
 ) -> Plan:
-    """Conditional update + PlanEvent: two PIs deciding at once leave exactly one decision."""
+    """Conditional update + PlanEvent: two PIs deciding at once leave exactly one decision.
+
+    The plan's row is locked (SELECT ... FOR UPDATE) until the caller's transaction ends, the
+    lock that run creation takes too (runspec.lock_plan_status): what the caller does next in
+    that transaction (release or stop the plan's runs) sees every run created before it.
+    """
     sources = list(from_)
     with transaction.atomic():
-        current = Plan.objects.filter(pk=plan.pk).values_list("status", flat=True).first()
+        current = (
+            Plan.objects.select_for_update()
+            .filter(pk=plan.pk)
+            .values_list("status", flat=True)
+            .first()
+        )
         if current not in sources or not Plan.objects.filter(pk=plan.pk, status=current).update(
             status=to, updated_at=timezone.now(), **(fields or {})
         ):
@@ -149,6 +121,7 @@ def _plan_transition(
 
 
 def plan_submit(*, plan: Plan, actor: Actor, comment: str = "") -> Plan:
+    """A draft (or a plan with changes requested) goes to review."""
     require_owner(actor, plan.author_id, "submit this plan")
     return _plan_transition(
         plan=plan,
@@ -169,6 +142,7 @@ def _plan_runs(plan: Plan, statuses: Iterable[str]) -> list[str]:
     return list(
         Run.objects.filter(Q(plan=plan) | Q(plan__isnull=True, sweep__plan=plan))
         .filter(status__in=list(statuses))
+        .order_by()
         .values_list("id", flat=True)
     )
 
@@ -176,7 +150,12 @@ def _plan_runs(plan: Plan, statuses: Iterable[str]) -> list[str]:
 def plan_approve(
     *, plan: Plan, actor: Actor, comment: str = "", gpu_hours_budget: float | None = None
 ) -> Plan:
-    """Approve, and release the plan's held runs to the queue.
+    """Approve, and release the plan's held runs to the queue, in ONE transaction.
+
+    The plan's row stays locked from the decision to the release, and run creation decides
+    held or queued under the same lock, so no run created meanwhile is left held (and a crash
+    cannot commit the approval without the release). The release is one bulk transition: the
+    queries do not grow with the plan's runs.
 
     A PI approving their own plan is marked self_approved (on the plan and in its event), or
     refused where the lab turned LABSITE_PI_SELF_APPROVAL off.
@@ -192,55 +171,59 @@ def plan_approve(
             "you wrote this plan: this lab does not let a PI approve their own plan "
             "(LABSITE_PI_SELF_APPROVAL is off); ask another PI"
         )
-    plan = _plan_transition(
-        plan=plan,
-        to=PlanStatus.APPROVED,
-        from_=PLAN_DECIDABLE,
-        actor=actor,
-        comment=(f"self-approved: {comment}" if comment else "self-approved") if own else comment,
-        fields={
-            "reviewer": actor.user,
-            "review_comment": comment or "",
-            "decided_at": timezone.now(),
-            "gpu_hours_budget": gpu_hours_budget,
-            "self_approved": own,
-        },
-    )
     with transaction.atomic():
-        for run_id in _plan_runs(plan, [RunStatus.HELD]):
-            run_transition(
-                run_id=run_id,
-                to=RunStatus.QUEUED,
-                from_=[RunStatus.HELD],
-                actor=actor,
-                reason="plan_approved",
-                message=f"plan {plan.id} approved",
-            )
-        jobs.kick_scheduler()
+        plan = _plan_transition(
+            plan=plan,
+            to=PlanStatus.APPROVED,
+            from_=PLAN_DECIDABLE,
+            actor=actor,
+            comment=(f"self-approved: {comment}" if comment else "self-approved")
+            if own
+            else comment,
+            fields={
+                "reviewer": actor.user,
+                "review_comment": comment or "",
+                "decided_at": timezone.now(),
+                "gpu_hours_budget": gpu_hours_budget,
+                "self_approved": own,
+            },
+        )
+        released = runs_transition(
+            run_ids=_plan_runs(plan, [RunStatus.HELD]),
+            to=RunStatus.QUEUED,
+            from_=[RunStatus.HELD],
+            actor=actor,
+            reason="plan_approved",
+            message=f"plan {plan.id} approved",
+        )
+        if released:
+            jobs.kick_scheduler()
     return plan
 
 
 def plan_reject(*, plan: Plan, actor: Actor, comment: str = "") -> Plan:
-    """Reject, and stop the work that was waiting for it (reason plan_rejected)."""
+    """Reject, and stop the work that was waiting for it (reason plan_rejected), in ONE
+    transaction under the plan's lock (as plan_approve), with one bulk transition."""
     _require_pi(actor)
-    plan = _plan_transition(
-        plan=plan,
-        to=PlanStatus.REJECTED,
-        from_=PLAN_DECIDABLE,
-        actor=actor,
-        comment=comment,
-        fields={
-            "reviewer": actor.user,
-            "review_comment": comment or "",
-            "decided_at": timezone.now(),
-        },
-    )
-    for run_id in _plan_runs(plan, [RunStatus.HELD, RunStatus.READY, RunStatus.QUEUED]):
-        run_transition(
-            run_id=run_id,
-            to=RunStatus.STOPPED,
+    waiting = [RunStatus.HELD, RunStatus.READY, RunStatus.QUEUED]
+    with transaction.atomic():
+        plan = _plan_transition(
+            plan=plan,
+            to=PlanStatus.REJECTED,
+            from_=PLAN_DECIDABLE,
             actor=actor,
-            from_=[RunStatus.HELD, RunStatus.READY, RunStatus.QUEUED],
+            comment=comment,
+            fields={
+                "reviewer": actor.user,
+                "review_comment": comment or "",
+                "decided_at": timezone.now(),
+            },
+        )
+        runs_transition(
+            run_ids=_plan_runs(plan, waiting),
+            to=RunStatus.STOPPED,
+            from_=waiting,
+            actor=actor,
             reason=RunReason.PLAN_REJECTED,
             message=f"plan {plan.id} rejected: {comment}"[:500],
         )
@@ -248,6 +231,7 @@ def plan_reject(*, plan: Plan, actor: Actor, comment: str = "") -> Plan:
 
 
 def plan_request_changes(*, plan: Plan, actor: Actor, comment: str = "") -> Plan:
+    """A PI sends the plan back to its author with the changes they want."""
     _require_pi(actor)
     if not (comment or "").strip():
         raise ValidationError({"comment": "say which changes you want"})
@@ -262,6 +246,7 @@ def plan_request_changes(*, plan: Plan, actor: Actor, comment: str = "") -> Plan
 
 
 def plan_archive(*, plan: Plan, actor: Actor, comment: str = "") -> Plan:
+    """Put a plan away (not while it is executing)."""
     require_owner(actor, plan.author_id, "archive this plan")
     return _plan_transition(
         plan=plan, to=PlanStatus.ARCHIVED, from_=PLAN_ARCHIVABLE, actor=actor, comment=comment

@@ -1,4 +1,14 @@
-"""Runs: the one way a status changes (run_transition), creation, start, stop, rerun."""
+"""Runs: the one way a status changes (run_transition, runs_transition), creation, start, stop,
+rerun.
+
+A run's `status` changes only here, by a conditional UPDATE with a RunEvent in the same
+transaction. A few fields change elsewhere, by design, as bookkeeping that never decides a
+state (see the comments on experiments.models.Run): `waiting_reason` (the scheduler's words on
+why a queued run waits, rewritten by every pass), `reason = host_unreachable` (a flag on an
+active run while its host does not answer, cleared by the next answer), the output offsets, and
+`dispatch_attempts` (a counter that no transition reads). A change that decides what happens
+to a run goes through run_transition, with its event.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +22,7 @@ from django.utils import timezone
 from clusters.models import Host
 from experiments import jobs
 from experiments.actors import Actor
+from experiments.capacity import PENDING_PASS
 from experiments.choices import (
     ACTIVE,
     RUN_TRANSITIONS,
@@ -30,12 +41,46 @@ from experiments.models import (
 from experiments.services.runspec import (
     created_event,
     effective_plan,
+    lock_plan_status,
     new_run,
     require_owner,
     run_spec,
+    settle_start,
     start_status,
+    waiting_reason_for,
 )
 from labsite.errors import Conflict
+
+# Ids per statement of a bulk transition: far under PostgreSQL's 65,535 and SQLite's 32,766
+# bound parameters, and more than any one approval or pass moves in practice.
+BULK_CHUNK = 5000
+
+
+def _values(to: str, reason: str, fields: Mapping[str, Any] | None, now: Any) -> dict[str, Any]:
+    """The columns a transition to `to` writes."""
+    values: dict[str, Any] = {"status": to, "updated_at": now, STATE_TIMESTAMP[to]: now}
+    if reason or to in TERMINAL:
+        values["reason"] = reason
+    if to == RunStatus.QUEUED:
+        # A queued run says why it waits from the moment it is queued; a pass replaces this.
+        values["waiting_reason"] = PENDING_PASS
+    values.update(fields or {})
+    return values
+
+
+def _event(
+    run_id: str, *, from_status: str, to_status: str, actor: Actor, reason: str, message: str
+) -> RunEvent:
+    return RunEvent(
+        run_id=run_id,
+        from_status=from_status,
+        to_status=to_status,
+        reason=reason,
+        message=message,
+        actor_kind=actor.kind,
+        actor_user_id=actor.user_id,
+        actor_token=actor.token,
+    )
 
 
 def run_transition(
@@ -59,10 +104,7 @@ def run_transition(
     """
     allowed = RUN_TRANSITIONS[to] if from_ is None else frozenset(from_) & RUN_TRANSITIONS[to]
     now = timezone.now()
-    values: dict[str, Any] = {"status": to, "updated_at": now, STATE_TIMESTAMP[to]: now}
-    if reason or to in TERMINAL:
-        values["reason"] = reason
-    values.update(fields or {})
+    values = _values(to, reason, fields, now)
     # No savepoint: inside a caller's transaction (placement), a failure aborts it all anyway.
     current: str | None
     with transaction.atomic(savepoint=False):
@@ -78,40 +120,94 @@ def run_transition(
                 return False
         if Run.objects.filter(pk=run_id, status=current, **(expect or {})).update(**values) != 1:
             return False
-        RunEvent.objects.create(
-            run_id=run_id,
-            from_status=current,
-            to_status=to,
-            reason=reason,
-            message=message,
-            actor_kind=actor.kind,
-            actor_user_id=actor.user_id,
-            actor_token=actor.token,
-        )
+        _event(
+            run_id, from_status=current, to_status=to, actor=actor, reason=reason, message=message
+        ).save()
         if to in TERMINAL or to == RunStatus.QUEUED:
             GpuLease.objects.filter(run_id=run_id, released_at__isnull=True).update(released_at=now)
     return True
 
 
+def runs_transition(
+    *,
+    run_ids: Iterable[str],
+    to: str,
+    actor: Actor,
+    from_: Iterable[str] | None = None,
+    reason: str = "",
+    message: str = "",
+    fields: Mapping[str, Any] | None = None,
+) -> list[str]:
+    """run_transition for a set of runs, in queries that do not grow with it; the ids that moved.
+
+    Still exactly one winner per run. The runs still in `from_` are read FOR UPDATE, in id
+    order (PostgreSQL locks them until the commit, and two bulk transitions lock alike, so they
+    cannot deadlock; on SQLite the transaction is BEGIN IMMEDIATE, so no other writer runs
+    meanwhile); then one conditional UPDATE (`WHERE status IN from_`) moves them, their
+    RunEvents are one bulk insert, and leases are released in one UPDATE where a run may hold
+    any. Without RETURNING, the ids read under the lock are the ones that moved.
+    """
+    allowed = RUN_TRANSITIONS[to] if from_ is None else frozenset(from_) & RUN_TRANSITIONS[to]
+    ids = list(dict.fromkeys(run_ids))
+    if not ids or not allowed:
+        return []
+    now = timezone.now()
+    values = _values(to, reason, fields, now)
+    moved: list[tuple[str, str]] = []
+    with transaction.atomic(savepoint=False):
+        for start in range(0, len(ids), BULK_CHUNK):
+            chunk = ids[start : start + BULK_CHUNK]
+            rows = list(
+                Run.objects.select_for_update()
+                .filter(pk__in=chunk, status__in=allowed)
+                .order_by("pk")
+                .values_list("id", "status")
+            )
+            if not rows:
+                continue
+            locked = [run_id for run_id, _ in rows]
+            updated = Run.objects.filter(pk__in=locked, status__in=allowed).update(**values)
+            if updated != len(rows):
+                # Only where nothing locked the rows (SQLite outside BEGIN IMMEDIATE): a rival
+                # moved some first. Ours carry this UPDATE's stamp.
+                ours = set(
+                    Run.objects.filter(pk__in=locked, status=to, updated_at=now).values_list(
+                        "id", flat=True
+                    )
+                )
+                rows = [row for row in rows if row[0] in ours]
+            moved += rows
+        RunEvent.objects.bulk_create(
+            _event(
+                run_id, from_status=was, to_status=to, actor=actor, reason=reason, message=message
+            )
+            for run_id, was in moved
+        )
+        if moved and (to in TERMINAL or to == RunStatus.QUEUED) and allowed & ACTIVE:
+            GpuLease.objects.filter(
+                run_id__in=[run_id for run_id, _ in moved], released_at__isnull=True
+            ).update(released_at=now)
+    return [run_id for run_id, _ in moved]
+
+
 def run_event(run: Run, *, actor: Actor, reason: str, message: str = "") -> None:
     """A decision about a run that is not a status change (it stays in its state)."""
-    RunEvent.objects.create(
-        run=run,
+    _event(
+        run.id,
         from_status=run.status,
         to_status=run.status,
+        actor=actor,
         reason=reason,
         message=message,
-        actor_kind=actor.kind,
-        actor_user_id=actor.user_id,
-        actor_token=actor.token,
-    )
+    ).save()
 
 
 def run_gpus_confirm(*, seen: Mapping[str, str]) -> list[str]:
     """Record, once per attempt, that a host showed these runs' processes on their leased GPUs.
 
     `seen` maps run id -> what was seen ("GPU 0 of node-1 (pid 4242)"); returns the runs that
-    got their confirmation now (the others had it, or are no longer active).
+    got their confirmation now (the others had it, or are no longer active). Three queries
+    however many runs: the confirmations already made, the runs still active, one bulk insert.
     """
     done = set(
         RunEvent.objects.filter(
@@ -123,14 +219,22 @@ def run_gpus_confirm(*, seen: Mapping[str, str]) -> list[str]:
     pending = [run_id for run_id in seen if run_id not in done]
     if not pending:
         return []
-    runs = Run.objects.filter(pk__in=pending, status__in=list(ACTIVE))
-    confirmed = []
-    for run in runs:
-        run_event(
-            run, actor=Actor.system(), reason="gpu_confirmed", message=f"seen on {seen[run.id]}"
+    system = Actor.system()
+    events = [
+        _event(
+            run_id,
+            from_status=status,
+            to_status=status,
+            actor=system,
+            reason="gpu_confirmed",
+            message=f"seen on {seen[run_id]}",
         )
-        confirmed.append(run.id)
-    return confirmed
+        for run_id, status in Run.objects.filter(
+            pk__in=pending, status__in=list(ACTIVE)
+        ).values_list("id", "status")
+    ]
+    RunEvent.objects.bulk_create(events)
+    return [event.run_id for event in events]
 
 
 def run_create(
@@ -173,6 +277,9 @@ def run_create(
     )
     run = new_run(spec, command=command, name=name, params=params)
     with transaction.atomic():
+        # Held or queued is decided here, under the plan's row lock: an approval that runs
+        # meanwhile either sees this run (and releases it) or has committed (and it is queued).
+        settle_start([run], plan=effective_plan(plan=plan, sweep=sweep))
         run.save(force_insert=True)
         created_event(run, actor=actor).save()
         if kick and run.status == RunStatus.QUEUED:
@@ -181,18 +288,31 @@ def run_create(
 
 
 def run_start(*, run: Run, actor: Actor) -> Run:
-    """ready -> queued, or held while its plan is not approved."""
+    """ready -> queued, or held while its plan is not approved (decided under the plan's lock,
+    as at creation, so that an approval meanwhile cannot leave it held)."""
     require_owner(actor, run.created_by_id, "start this run")
-    to = start_status(effective_plan(plan=run.plan, sweep=run.sweep))
-    reason = RunReason.PLAN_NOT_APPROVED if to == RunStatus.HELD else ""
-    if not run_transition(
-        run_id=run.id, to=to, from_=[RunStatus.READY], actor=actor, reason=reason
-    ):
-        run.refresh_from_db()
-        raise Conflict(f"run {run.id} is {run.status}; only a ready run can be started")
-    if to == RunStatus.QUEUED:
-        jobs.kick_scheduler()
+    waiting = waiting_reason_for(
+        gpus=run.gpus,
+        min_free_mem_mb=run.min_free_mem_mb,
+        host=run.host if run.host_pinned else None,
+        owner=run.created_by,
+    )
+    with transaction.atomic():
+        to = start_status(lock_plan_status(effective_plan(plan=run.plan, sweep=run.sweep)))
+        held = to == RunStatus.HELD
+        moved = run_transition(
+            run_id=run.id,
+            to=to,
+            from_=[RunStatus.READY],
+            actor=actor,
+            reason=RunReason.PLAN_NOT_APPROVED if held else "",
+            fields=None if held else {"waiting_reason": waiting},
+        )
+        if moved and not held:
+            jobs.kick_scheduler()
     run.refresh_from_db()
+    if not moved:
+        raise Conflict(f"run {run.id} is {run.status}; only a ready run can be started")
     return run
 
 

@@ -14,6 +14,7 @@ from clusters import localuser
 from clusters.choices import HostKind
 from clusters.models import Host
 from experiments.actors import Actor
+from experiments.capacity import PENDING_PASS, never_fits
 from experiments.choices import (
     PLAN_CLEARED,
     STATE_TIMESTAMP,
@@ -38,16 +39,64 @@ ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 GPU_PINNING_ENV = frozenset({"CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER"})
 
 
-def plan_cleared(plan: Plan | None) -> bool:
-    return plan is None or plan.status in PLAN_CLEARED
-
-
 def effective_plan(*, plan: Plan | None, sweep: Sweep | None) -> Plan | None:
+    """The plan that clears a run: its own, or its sweep's."""
     return plan or (sweep.plan if sweep is not None else None)
 
 
-def start_status(plan: Plan | None) -> str:
-    return RunStatus.QUEUED if plan_cleared(plan) else RunStatus.HELD
+def start_status(plan_status: str | None) -> str:
+    """Where a run that starts goes: queued, or held while its plan (if any) is not approved."""
+    return (
+        RunStatus.QUEUED if plan_status is None or plan_status in PLAN_CLEARED else RunStatus.HELD
+    )
+
+
+def lock_plan_status(plan: Plan | None) -> str | None:
+    """The plan's status, read under its row lock (until the caller's transaction ends).
+
+    Approval and rejection take the same lock, so whatever starts runs under this plan while
+    they run is decided before or after them, never in between: a run cannot be made held by
+    a plan that is approved a moment later and miss its release. (SQLite has no row locks, but
+    its transactions are BEGIN IMMEDIATE: one writer at a time, which serializes the same.)
+    """
+    if plan is None:
+        return None
+    status = (
+        Plan.objects.select_for_update().filter(pk=plan.pk).values_list("status", flat=True).first()
+    )
+    if status is None:
+        raise ValidationError({"plan_id": f"plan {plan.pk} no longer exists"})
+    plan.status = status
+    check_plan_link(plan)
+    return status
+
+
+def settle_start(runs: list[Run], *, plan: Plan | None) -> None:
+    """Held or queued for runs about to be inserted, decided under the plan's lock (the caller's
+    transaction inserts them). Runs created ready wait for run_start and are left alone; the
+    lock is taken for them too, so that a plan rejected meanwhile refuses them."""
+    to = start_status(lock_plan_status(plan))
+    now = timezone.now()
+    for run in runs:
+        if run.status == RunStatus.READY:
+            continue
+        run.status = to
+        held = to == RunStatus.HELD
+        run.reason = RunReason.PLAN_NOT_APPROVED if held else ""
+        run.held_at, run.queued_at = (now, None) if held else (None, now)
+        run.waiting_reason = "" if held else (run.waiting_reason or PENDING_PASS)
+
+
+def waiting_reason_for(
+    *, gpus: int, min_free_mem_mb: int | None, host: Host | None, owner: Any
+) -> str:
+    """The reason a run has the moment it is queued: why no enabled host could ever take it,
+    if so (one query, per request, not per run), else that it waits for the next pass."""
+    may_use_local = localuser.members_may_run_locally() or roles.is_admin(owner)
+    never = never_fits(
+        gpus=gpus, min_free_mem_mb=min_free_mem_mb, host=host, may_use_local=may_use_local
+    )
+    return (never or PENDING_PASS)[:500]
 
 
 def validate_gpuwrap_config(config: Any) -> dict[str, Any]:
@@ -116,17 +165,20 @@ def _check_env(env: Any, *, leases_gpus: bool) -> dict[str, str]:
 
 
 def name_limit(model: type[Any]) -> int:
+    """The longest name the lab allows for this model (and its column holds)."""
     column: int = model._meta.get_field("name").max_length
     return min(lab_limit("MAX_NAME_LENGTH"), column)
 
 
 def check_name(field: str, name: str, model: type[Any]) -> str:
+    """The name, stripped, within the lab's limit (ValidationError naming the limit if not)."""
     name = (name or "").strip()
     check_size(field, len(name), "MAX_NAME_LENGTH", "characters", most=name_limit(model))
     return name
 
 
 def check_command(field: str, command: str) -> str:
+    """The command, stripped: not empty, within the lab's limit."""
     command = (command or "").strip()
     if not command:
         raise ValidationError({field: "must not be empty"})
@@ -188,7 +240,15 @@ def run_spec(
         raise ValidationError(
             {"plan_id": "this lab requires a plan for GPU work: create one and pass plan_id"}
         )
-    status = start_status(linked_plan) if auto_start else RunStatus.READY
+    # Provisional: the transaction that inserts the runs decides again under the plan's lock.
+    status = (
+        start_status(linked_plan.status if linked_plan else None) if auto_start else RunStatus.READY
+    )
+    waiting = (
+        waiting_reason_for(gpus=gpus, min_free_mem_mb=min_free_mem_mb, host=host, owner=actor.user)
+        if auto_start
+        else ""
+    )
     return {
         "workdir": workdir or "",
         "env": clean_env,
@@ -196,6 +256,7 @@ def run_spec(
         "plan": plan,
         "status": status,
         "reason": RunReason.PLAN_NOT_APPROVED if status == RunStatus.HELD else "",
+        "waiting_reason": waiting,
         "priority": priority,
         "gpus": gpus,
         "min_free_mem_mb": min_free_mem_mb,
@@ -227,6 +288,7 @@ def new_run(
 
 
 def created_event(run: Run, *, actor: Actor) -> RunEvent:
+    """The first event of a run: who created it, and in which state."""
     return RunEvent(
         run=run,
         from_status="",
@@ -240,10 +302,12 @@ def created_event(run: Run, *, actor: Actor) -> RunEvent:
 
 
 def check_plan_link(plan: Plan | None) -> None:
+    """Work is not linked to a plan that was rejected or archived."""
     if plan is not None and plan.status in {PlanStatus.REJECTED, PlanStatus.ARCHIVED}:
         raise ValidationError({"plan_id": f"plan {plan.id} is {plan.status}"})
 
 
 def require_owner(actor: Actor, owner_id: int | None, what: str) -> None:
+    """Only the owner, a PI or an admin may act on the thing (PermissionDenied)."""
     if not roles.can_act_on(actor.user, owner_id):
         raise PermissionDenied(f"only its owner, a PI or an admin may {what}")

@@ -33,6 +33,7 @@ from experiments.services.runspec import (
     new_run,
     require_link,
     run_spec,
+    settle_start,
 )
 from labsite.validation import check_int, lab_limit
 
@@ -151,7 +152,8 @@ def sweep_create_grid(
 ) -> Sweep:
     """A sweep with one run per grid point; a grid larger than max_runs is refused, never cut.
 
-    The runs and their "created" events are bulk inserts: the queries do not grow with the grid.
+    The runs and their "created" events are bulk inserts, and the check that no host could
+    ever take them is one query: the queries do not grow with the grid.
     """
     name = _check_sweep_fields(actor=actor, name=name, plan=plan)
     base_command = check_command("base_command", base_command)
@@ -206,6 +208,8 @@ def sweep_create_grid(
             ) from exc
         runs.append(run)
     with transaction.atomic():
+        # Held or queued, under the plan's row lock: see runspec.lock_plan_status.
+        settle_start(runs, plan=plan)
         sweep.save(force_insert=True)
         Run.objects.bulk_create(runs)
         RunEvent.objects.bulk_create([created_event(run, actor=actor) for run in runs])

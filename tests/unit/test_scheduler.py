@@ -12,6 +12,7 @@ from django.utils import timezone
 from clusters.models import Host
 from experiments import scheduler, services
 from experiments.actors import Actor
+from experiments.capacity import PENDING_PASS
 from experiments.models import Alert, GpuLease, Run
 from tests.factories import GpuFactory
 
@@ -188,7 +189,9 @@ def test_a_quick_pass_reads_only_the_head_of_a_long_queue(hosts, member, other):
     )
     assert statuses.count("launching") == 2
     tail = Run.objects.get(pk=runs[-1].pk)
-    assert tail.waiting_reason == "", "a quick pass leaves the runs it never reached alone"
+    assert tail.waiting_reason == PENDING_PASS, (
+        "a quick pass leaves the runs it never reached alone"
+    )
 
     GpuLease.objects.update(released_at=timezone.now())
     Run.objects.filter(status="launching").update(status="finished")
