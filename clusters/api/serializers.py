@@ -12,7 +12,7 @@ from labsite import roles
 from labsite.validation import INT32_MAX, InputSerializer, ModelInputSerializer
 
 
-class HostSerializer(serializers.ModelSerializer):
+class HostSerializer(serializers.ModelSerializer[Host]):
     gpu_count = serializers.SerializerMethodField()
     has_identity = serializers.SerializerMethodField()
 
@@ -58,7 +58,7 @@ class HostSerializer(serializers.ModelSerializer):
         return bool(host.identity_file)
 
 
-class ProbeRequestSerializer(serializers.Serializer):
+class ProbeRequestSerializer(serializers.Serializer[Any]):
     status = serializers.ChoiceField(choices=["requested"])
     requested_at = serializers.DateTimeField()
     poll = serializers.CharField(help_text="GET it until probed_at is later than requested_at")
@@ -104,7 +104,7 @@ class HostWriteSerializer(ModelInputSerializer):
             "gpu_free_max_util_pct": {"min_value": 0, "max_value": 100},
         }
 
-    def validate(self, attrs: dict) -> dict:
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
         kind = attrs.get("kind", getattr(self.instance, "kind", HostKind.SSH))
         if kind == HostKind.SSH and not (
             attrs.get("hostname") or getattr(self.instance, "hostname", "")

@@ -46,7 +46,7 @@ class IsAdminForWrites(permissions.BasePermission):
         return is_admin(request.user)
 
 
-class HostViewSet(viewsets.ModelViewSet):
+class HostViewSet(viewsets.ModelViewSet[Host]):
     """The lab's machines; on creation the host key is pinned (or checked against the one given)."""
 
     permission_classes = [permissions.IsAuthenticated, IsAdminForWrites]

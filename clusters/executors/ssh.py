@@ -52,7 +52,7 @@ def fingerprint(key: paramiko.PKey) -> str:
     return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
 
 
-class _PinnedKeyPolicy(paramiko.MissingHostKeyPolicy):
+class _PinnedKeyPolicy(paramiko.MissingHostKeyPolicy):  # type: ignore[misc]  # paramiko ships no types
     """Accept exactly the pinned fingerprint; with none pinned (first contact) record it."""
 
     def __init__(self, name: str, pinned: str) -> None:
