@@ -10,17 +10,23 @@ ensure_redis "$REDIS_URL"
 ensure_run_user
 base=$(ensure_postgres)
 admin_url="${base%/labsite}/postgres"
+# BENCH_DATABASE and BENCH_DATA_DIR keep two benches on one machine apart (and out of the way of
+# make test, which deletes .test-data when it starts).
+db_name="${BENCH_DATABASE:-labsite_bench}"
+[[ $db_name =~ ^[a-z_][a-z0-9_]*$ ]] || die "BENCH_DATABASE must be a plain name"
 fresh_db() {
-  "$PY" - "$admin_url" <<'PYEOF'
+  "$PY" - "$admin_url" "$db_name" <<'PYEOF'
 import sys, psycopg
+from psycopg import sql
+name = sql.Identifier(sys.argv[2])
 with psycopg.connect(sys.argv[1], autocommit=True) as c:
-    c.execute("DROP DATABASE IF EXISTS labsite_bench WITH (FORCE)")
-    c.execute("CREATE DATABASE labsite_bench")
+    c.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(name))
+    c.execute(sql.SQL("CREATE DATABASE {}").format(name))
 PYEOF
   "$PY" manage.py migrate --noinput -v0
 }
-export DATABASE_URL="${base%/labsite}/labsite_bench"
-export LABSITE_DATA_DIR="$ROOT/.test-data/bench"
+export DATABASE_URL="${base%/labsite}/$db_name"
+export LABSITE_DATA_DIR="${BENCH_DATA_DIR:-$ROOT/.test-data/bench}"
 mkdir -p "$LABSITE_DATA_DIR"
 # BENCH="sched burst" make bench runs only those.
 for name in ${BENCH:-api runs sched burst}; do

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 from django.db.models import F
 
@@ -27,8 +28,13 @@ SYSTEM = Actor.system()
 
 
 def launch_spec(run: Run, host: Host) -> LaunchSpec:
-    leases = GpuLease.objects.filter(run=run, released_at__isnull=True).select_related("gpu")
-    indices = sorted(lease.gpu.index for lease in leases)
+    indices: list[int] = []
+    if run.gpus:  # a run that asked for no GPU was placed without a lease: no query for it
+        indices = sorted(
+            GpuLease.objects.filter(run=run, released_at__isnull=True).values_list(
+                "gpu__index", flat=True
+            )
+        )
     wrap = run.gpuwrap_config or {}
     pin = bool(indices) or (wrap.get("enabled") and host.kind != HostKind.SLURM)
     return LaunchSpec(
@@ -45,6 +51,7 @@ def launch_spec(run: Run, host: Host) -> LaunchSpec:
 
 def run_dispatch(run_id: str) -> None:
     """Start a launching run on its host; safe to run twice (the host keeps the first start)."""
+    began = time.time()
     run = Run.objects.select_related("host").filter(pk=run_id).first()
     if run is None or run.status != RunStatus.LAUNCHING or run.host is None:
         return
@@ -54,7 +61,10 @@ def run_dispatch(run_id: str) -> None:
         return
     Run.objects.filter(pk=run_id).update(dispatch_attempts=F("dispatch_attempts") + 1)
     try:
-        pid = executor_for(run.host).launch(launch_spec(run, run.host))
+        spec = launch_spec(run, run.host)
+        exec_began = time.time()
+        pid = executor_for(run.host).launch(spec)
+        exec_ms = (time.time() - exec_began) * 1000
     except HostKeyMismatch as exc:
         host_key_mismatch(run.host, exc)
         return
@@ -91,4 +101,14 @@ def run_dispatch(run_id: str) -> None:
         actor=SYSTEM,
         message=f"pid {pid} on {run.host.name}",
         fields={"pid": pid},
+    )
+    # The epoch stamps let the benchmarks line a dispatch up with its run's other stages.
+    log.info(
+        "dispatch of %s: pid %s on %s, exec %.1f ms (began %.6f, exec began %.6f)",
+        run_id,
+        pid,
+        run.host.name,
+        exec_ms,
+        began,
+        exec_began,
     )

@@ -136,6 +136,10 @@ def main() -> None:
             path.read_text(),
         )
     ]
+    worker_log = "".join(path.read_text() for path in logs.glob("worker-*.log"))
+    # Every dispatch that starts a run logs a line; the worker logs each task it receives.
+    dispatched = len(re.findall(r"dispatch of \S+: pid", worker_log))
+    as_tasks = len(re.findall(r"tasks\.dispatch_run\[\S+\] received", worker_log))
     placed_total = sum(p[1] for p in passes)
     pass_ms = sum(p[2] for p in passes)
     pass_cpu_ms = sum(p[3] for p in passes)
@@ -166,6 +170,8 @@ def main() -> None:
         f"{pass_cpu_ms / max(1, placed_total):.1f} ms |",
         f"| machine CPU busy during the burst (server and both hosts share its cores) | "
         f"{busy:.0%} |",
+        f"| runs started by a dispatch; dispatch tasks received (the rest were started by the "
+        f"scheduler task itself) | {dispatched}; {as_tasks} |",
         f"| quick passes (kicks): count, median | {len(quick)}, "
         f"{statistics.median(quick or [0]):.1f} ms |",
         f"| full passes (timer): count, median | {len(full)}, "

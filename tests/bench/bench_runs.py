@@ -2,16 +2,25 @@
 
 `make bench` runs this against a scratch PostgreSQL database, the test Redis db, a real worker
 and sshd hosts in network namespaces. Prints a table and writes bench-results/runs.md.
+
+The submit benchmark also says where the time goes, stage by stage, from stamps that exist
+anyway: the commit (the moment the kick is handed to the broker, seen in this process), the
+worker's log lines for each scheduler pass and each dispatch (epoch stamps), the run's
+`launching` event, and the wrapper's own started_at on the host (the namespace hosts share
+this machine's clock).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import statistics
 import sys
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import django
 
@@ -27,7 +36,8 @@ from clusters.executors import Executor, LaunchSpec, SshTransport  # noqa: E402
 from clusters.models import Host  # noqa: E402
 from clusters.services import host_ensure_local, host_probe  # noqa: E402
 from experiments import runner  # noqa: E402
-from experiments.models import Run  # noqa: E402
+from experiments.models import Run, RunEvent  # noqa: E402
+from labsite.celery import app  # noqa: E402
 from labsite.models import ApiToken  # noqa: E402
 from labsite.roles import assign_role  # noqa: E402
 from tests.harness.localruns import local_root  # noqa: E402
@@ -68,22 +78,144 @@ def register(lab_host) -> Host:
     return host
 
 
-def submit_to_start(api: APIClient, host: Host, root: Path) -> list[float]:
+@dataclass
+class Submission:
+    """The stamps of one run, submitted and started (epoch seconds)."""
+
+    run_id: str
+    request: float  # the POST begins
+    commit: float  # the run is committed: its kick goes to the broker (on_commit)
+    response: float  # the POST returned
+    started: float  # the wrapper's started_at, on the host
+    stages: dict[str, float] = field(default_factory=dict)  # stage -> ms
+
+    @property
+    def total_ms(self) -> float:
+        return (self.started - self.request) * 1000
+
+
+class _SendStamps:
+    """Times of the tasks this process sends (the kick's send is the run's commit)."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[float, str]] = []
+        self._send = app.send_task
+
+    def __enter__(self) -> _SendStamps:
+        def stamped(name: str, *a: Any, **k: Any) -> Any:
+            self.sent.append((time.time(), name))
+            return self._send(name, *a, **k)
+
+        app.send_task = stamped  # type: ignore[method-assign]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        app.send_task = self._send  # type: ignore[method-assign]
+
+
+def submit_to_start(api: APIClient, host: Host, root: Path) -> list[Submission]:
     """POST /api/runs, then the launch script's own started_at on the host, one run at a time."""
     samples = []
-    for i in range(N_SUBMIT + 5):
-        t0 = time.time()
-        response = api.post(
-            "/api/runs",
-            {"command": "true", "name": f"lat-{i}", "host": host.name, "auto_start": True},
-            format="json",
-        )
-        assert response.status_code == 201, response.content
-        started = root / response.json()["id"] / "started_at"
-        wait_for(lambda p=started: p.exists() and p.read_text().strip(), 30, 0.001)
-        if i >= 5:  # warm-up: connections, caches
-            samples.append((float(started.read_text()) - t0) * 1000)
+    with _SendStamps() as sends:
+        for i in range(N_SUBMIT + 5):
+            sends.sent.clear()
+            t0 = time.time()
+            response = api.post(
+                "/api/runs",
+                {"command": "true", "name": f"lat-{i}", "host": host.name, "auto_start": True},
+                format="json",
+            )
+            t1 = time.time()
+            assert response.status_code == 201, response.content
+            run_id = response.json()["id"]
+            started = root / run_id / "started_at"
+            wait_for(lambda p=started: p.exists() and p.read_text().strip(), 30, 0.001)
+            commit = next((t for t, name in sends.sent if name.endswith(".schedule")), t1)
+            if i >= 5:  # warm-up: connections, caches
+                samples.append(Submission(run_id, t0, commit, t1, float(started.read_text())))
     return samples
+
+
+PASS_LINE = re.compile(r"schedule pass \((\w+)\): placed (\d+) in ([\d.]+) ms.*began ([\d.]+)\)")
+DISPATCH_LINE = re.compile(
+    r"dispatch of (\S+): pid \S+ on \S+, exec ([\d.]+) ms \(began ([\d.]+), exec began ([\d.]+)\)"
+)
+# Stage -> what it holds. Each stage ends where the next begins: they add up to the total.
+STAGES = [
+    ("request -> commit", "HTTP, auth, validation, the INSERTs and the commit"),
+    ("commit -> pass begins", "the kick through the broker to a worker process, Redis flags, lock"),
+    ("pass begins -> placed", "the quick pass up to the run's `launching` event"),
+    ("placed -> pass done", "the placement's commit and the rest of the pass"),
+    ("pass done -> dispatch begins", "the hand-off to the dispatch (a broker hop, or inline)"),
+    ("dispatch begins -> exec begins", "the dispatch's queries: the run, attempts, leases"),
+    ("exec begins -> wrapper started", "one exec: launch.sh, the run directory, the wrapper"),
+]
+SIDE_STAGES = [
+    ("commit -> response sent", "the rest of the request (in parallel with the worker)"),
+    ("wrapper started -> exec returned", "the pid's way back (in parallel with the run)"),
+]
+
+
+def breakdown(samples: list[Submission], logs: Path) -> None:
+    """Fill each submission's stages from the worker's log lines and the runs' events."""
+    text = "".join(p.read_text(errors="replace") for p in sorted(logs.glob("worker-*.log")))
+    passes = sorted(
+        (float(m.group(4)), float(m.group(4)) + float(m.group(3)) / 1000)
+        for m in PASS_LINE.finditer(text)
+        if int(m.group(2)) > 0
+    )
+    dispatches = {
+        m.group(1): (float(m.group(3)), float(m.group(4)), float(m.group(2)) / 1000)
+        for m in DISPATCH_LINE.finditer(text)
+    }
+    placed_at = {
+        run_id: at.timestamp()
+        for run_id, at in RunEvent.objects.filter(
+            run_id__in=[s.run_id for s in samples], to_status="launching"
+        ).values_list("run_id", "created_at")
+    }
+    for s in samples:
+        placed = placed_at.get(s.run_id)
+        # The pass that placed the run: the last one that began before its `launching` event.
+        pass_ = next((p for p in reversed(passes) if placed and p[0] <= placed), None)
+        dispatch = dispatches.get(s.run_id)
+        if placed is None or pass_ is None or dispatch is None:
+            continue
+        began, ended = pass_
+        d_began, exec_began, exec_s = dispatch
+        stamps = [s.request, s.commit, began, placed, ended, d_began, exec_began, s.started]
+        for (name, _), a, b in zip(STAGES, stamps, stamps[1:], strict=False):
+            s.stages[name] = (b - a) * 1000
+        s.stages["commit -> response sent"] = (s.response - s.commit) * 1000
+        s.stages["wrapper started -> exec returned"] = (exec_began + exec_s - s.started) * 1000
+
+
+def breakdown_table(columns: dict[str, list[Submission]]) -> list[str]:
+    head = " | ".join(f"{name} p50 | {name} p95" for name in columns)
+    lines = [
+        f"| stage (ms) | {head} | what |",
+        "|---|" + "---:|" * (2 * len(columns)) + "---|",
+    ]
+    for name, what in STAGES + SIDE_STAGES:
+        cells = []
+        for samples in columns.values():
+            values = [s.stages[name] for s in samples if name in s.stages]
+            if not values:  # a worker without the stamped log lines
+                cells += ["n/a", "n/a"]
+                continue
+            cells += [f"{statistics.median(values):.1f}", f"{pct(values, 95):.1f}"]
+        lines.append(f"| {name} | {' | '.join(cells)} | {what} |")
+    totals = []
+    for samples in columns.values():
+        values = [s.total_ms for s in samples]
+        totals += [f"{statistics.median(values):.1f}", f"{pct(values, 95):.1f}"]
+    lines.append(f"| **total: request -> wrapper started** | {' | '.join(totals)} | |")
+    covered = [
+        f"{sum(1 for s in samples if s.stages)} of {len(samples)} {name}"
+        for name, samples in columns.items()
+    ]
+    lines += ["", f"(runs with every stamp found: {', '.join(covered)})"]
+    return lines
 
 
 def poll_cycle(lab: SshLab, hosts: list[Host]) -> dict[str, float]:
@@ -162,12 +294,15 @@ def main() -> None:
         worker = Worker(logs, LABSITE_POLL_INTERVAL_SECONDS="5").start()
         try:
             hosts = [register(h) for h in lab]
-            ssh_samples = submit_to_start(api, hosts[0], Path(lab[0].home) / ".labsite" / "runs")
+            ssh_runs = submit_to_start(api, hosts[0], Path(lab[0].home) / ".labsite" / "runs")
             local = host_ensure_local()
-            local_samples = submit_to_start(api, local, local_root(local.run_root))
+            local_runs = submit_to_start(api, local, local_root(local.run_root))
         finally:
             worker.stop()
-        poll = poll_cycle(lab, hosts)
+        poll = poll_cycle(lab, hosts) if N_POLL_RUNS else None  # BENCH_POLL_RUNS=0: skip it
+    breakdown(ssh_runs + local_runs, logs)
+    ssh_samples = [s.total_ms for s in ssh_runs]
+    local_samples = [s.total_ms for s in local_runs]
     lines += [
         "| submit -> process started (launch script's timestamp) | p50 ms | p95 ms | n |",
         "|---|---:|---:|---:|",
@@ -176,11 +311,22 @@ def main() -> None:
         f"| `local` executor (floor) | {statistics.median(local_samples):.0f} | "
         f"{pct(local_samples, 95):.0f} | {len(local_samples)} |",
         "",
-        f"| poll cycle: {poll['runs']} active runs on 4 hosts | value |",
-        "|---|---:|",
-        f"| SSH round trips per cycle | {poll['round_trips']:.0f} |",
-        f"| wall time p50 (4 hosts polled in parallel) | {poll['wall_p50']:.0f} ms |",
-        f"| wall time max of 5 | {poll['wall_max']:.0f} ms |",
+    ]
+    if poll is not None:
+        lines += [
+            f"| poll cycle: {poll['runs']} active runs on 4 hosts | value |",
+            "|---|---:|",
+            f"| SSH round trips per cycle | {poll['round_trips']:.0f} |",
+            f"| wall time p50 (4 hosts polled in parallel) | {poll['wall_p50']:.0f} ms |",
+            f"| wall time max of 5 | {poll['wall_max']:.0f} ms |",
+            "",
+        ]
+    lines += [
+        "Where the time goes, one run submitted after another (stamps: the commit seen in this "
+        "process, the worker's pass and dispatch log lines, the run's `launching` event, the "
+        "wrapper's started_at):",
+        "",
+        *breakdown_table({"SSH": ssh_runs, "local": local_runs}),
     ]
     table = "\n".join(lines)
     print(table)
