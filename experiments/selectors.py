@@ -15,6 +15,7 @@ from clusters.models import Gpu, Host
 from clusters.services import gpu_policy_for
 from experiments.choices import RunStatus
 from experiments.models import Alert, GpuLease, Run, RunEvent, Sweep
+from experiments.rundir import log_path
 from labsite.validation import lab_limit
 
 GPU_FREE = "free"
@@ -302,8 +303,6 @@ def collapse_carriage_returns(text: str) -> str:
 
 def run_log(run: Run, *, offset: int, limit: int) -> dict[str, Any]:
     """A byte window of the server's copy of the run's output (never read from the host)."""
-    from experiments.rundir import log_path
-
     path = log_path(run.id)
     try:
         total = path.stat().st_size

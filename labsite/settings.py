@@ -232,7 +232,6 @@ LABSITE: dict[str, Any] = {
     "SCHEDULE_INTERVAL_SECONDS": env_float("LABSITE_SCHEDULE_INTERVAL_SECONDS", 5.0, minimum=0.1),
     "RECONCILE_INTERVAL_SECONDS": env_float("LABSITE_RECONCILE_INTERVAL_SECONDS", 60.0, minimum=1),
     "BACKFILL_SECONDS": env_float("LABSITE_BACKFILL_SECONDS", 900.0, minimum=0),
-    "HOST_PROBE_WAIT_SECONDS": env_float("LABSITE_HOST_PROBE_WAIT_SECONDS", 10.0, minimum=0),
     "SINFO_TIMEOUT_SECONDS": env_float("LABSITE_SINFO_TIMEOUT_SECONDS", 5.0, minimum=0.1),
     # The local host: runs execute as this unprivileged Unix user (created by `make up` as root);
     # where it cannot be had, only admins' runs go there unless members are trusted explicitly.

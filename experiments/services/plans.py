@@ -22,6 +22,7 @@ from experiments.choices import (
     RunReason,
     RunStatus,
 )
+from experiments.markdown import plan_sections
 from experiments.models import (
     Plan,
     PlanEvent,
@@ -36,8 +37,6 @@ from labsite.errors import Conflict
 def parse_plan_sections(markdown: str) -> dict[str, str]:
     """The known sections of a plan's markdown, keyed by their canonical names (parsed by
     experiments.markdown, the parser that also renders the plan page)."""
-    from experiments.markdown import plan_sections
-
     return plan_sections(markdown or "")
 
 
