@@ -4,8 +4,9 @@ A run on the server's own machine must not get the server's powers (its environm
 directory with the SSH keys and the secret key, its processes). So, where the server runs as
 root and the configured Unix user exists (`make up` creates `labsite-run`), every script for
 the local host runs as that user, with an environment built from nothing. Where no such user
-can be had, the local host takes admins' runs only, unless the lab trusts its members there
-(LABSITE_LOCAL_TRUST_MEMBERS): their runs would be the server.
+can be had, or where that user can reach the server's Redis or PostgreSQL without a password
+(what the local host's probe checks, as that user), the local host takes admins' runs only,
+unless the lab trusts its members there (LABSITE_LOCAL_TRUST_MEMBERS).
 """
 
 from __future__ import annotations
@@ -16,8 +17,12 @@ import shutil
 import sys
 from dataclasses import dataclass
 from functools import cache
+from typing import Any
+from urllib.parse import urlsplit
 
 from django.conf import settings
+
+from clusters.choices import HostKind
 
 # The variables a run on the local host starts from (README: "A run's environment").
 STANDARD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -63,17 +68,108 @@ def why_no_run_user() -> str:
     return _resolved(settings.LABSITE["LOCAL_RUN_USER"])[1]
 
 
+# Where the local host's probe records what the run user could reach (Host.facts).
+REACHES = "run_user_reaches"
+
+
+def local_refusal(facts: dict[str, Any] | None = None) -> str | None:
+    """Why members' runs may not go to the local host, or None when they may.
+
+    They may where the lab trusts its members there (LABSITE_LOCAL_TRUST_MEMBERS), or where
+    they run as the run user and the local host's probe found that user can reach none of the
+    server's services without a password (a Redis with no password takes Celery tasks from
+    anyone on the machine; a PostgreSQL that trusts local connections makes anyone its role).
+    Until that probe has looked, they may not. `facts`: the local host's, where the caller
+    has them; else one query reads them.
+    """
+    if settings.LABSITE["LOCAL_TRUST_MEMBERS"]:
+        return None
+    user = run_user()
+    if user is None:
+        return why_no_run_user()
+    if facts is None:
+        from clusters.models import Host  # the model imports nothing of this module's callers
+
+        facts = (
+            Host.objects.filter(name="local", kind=HostKind.LOCAL)
+            .values_list("facts", flat=True)
+            .first()
+        )
+    reaches = (facts or {}).get(REACHES)
+    if not isinstance(reaches, list):
+        return f"what its run user {user.name!r} can reach is not checked yet (the next probe does)"
+    if reaches:
+        return (
+            f"its run user {user.name!r} can reach {', '.join(map(str, reaches))} without a "
+            "password (give it one, or make it trust no local connection)"
+        )
+    return None
+
+
 def members_may_run_locally() -> bool:
     """Whether a run of someone who is not an admin may go to the local host."""
-    return run_user() is not None or bool(settings.LABSITE["LOCAL_TRUST_MEMBERS"])
+    return local_refusal() is None
 
 
-def admins_only_reason() -> str:
+def admins_only_reason(refusal: str | None = None) -> str:
     """Why the local host takes admins' runs only (shown on runs that wait for it)."""
     return (
-        f"the local host takes admins' runs only: {why_no_run_user()}; an admin can set "
-        "LABSITE_LOCAL_TRUST_MEMBERS=true to let members run there as the server's user"
+        f"the local host takes admins' runs only: {refusal or local_refusal()}; an admin can "
+        "set LABSITE_LOCAL_TRUST_MEMBERS=true to let members run there anyway"
     )
+
+
+def reach_targets(
+    redis_urls: list[str] | None = None, database: dict[str, Any] | None = None
+) -> list[dict[str, object]]:
+    """The server's own services, as scripts/reach.py checks them: its broker (Redis) and its
+    database where that is a PostgreSQL server (SQLite is a file in the 0700 data directory).
+    For PostgreSQL, the server's role, at its address and at the default Unix socket too (a
+    `local all all trust` line opens the socket whatever the TCP address asks)."""
+    targets: list[dict[str, object]] = []
+    if redis_urls is None:
+        redis_urls = [settings.REDIS_URL, settings.CELERY_BROKER_URL]
+    for url in dict.fromkeys(redis_urls):
+        parts = urlsplit(url)
+        if parts.scheme in ("redis", "rediss"):
+            host = parts.hostname or "127.0.0.1"
+            port = parts.port or 6379
+            targets.append(
+                {"name": f"Redis at {host}:{port}", "kind": "redis", "host": host, "port": port}
+            )
+        elif parts.scheme == "unix":
+            targets.append({"name": f"Redis at {parts.path}", "kind": "redis", "path": parts.path})
+    db = settings.DATABASES["default"] if database is None else database
+    if "postgresql" in db["ENGINE"]:
+        role, name = str(db.get("USER") or ""), str(db.get("NAME") or "")
+        port = int(db.get("PORT") or 5432)
+        host = str(db.get("HOST") or "")
+        sockets = [host] if host.startswith("/") else []
+        sockets.append("/var/run/postgresql")
+        if host and not host.startswith("/"):
+            targets.append(
+                {
+                    "name": f"PostgreSQL at {host}:{port} as {role!r}",
+                    "kind": "postgres",
+                    "host": host,
+                    "port": port,
+                    "user": role,
+                    "database": name,
+                }
+            )
+        for directory in dict.fromkeys(sockets):
+            path = f"{directory}/.s.PGSQL.{port}"
+            if os.path.exists(path):
+                targets.append(
+                    {
+                        "name": f"PostgreSQL at {path} as {role!r}",
+                        "kind": "postgres",
+                        "path": path,
+                        "user": role,
+                        "database": name,
+                    }
+                )
+    return targets
 
 
 def clean_environment(user: RunUser | None) -> dict[str, str]:

@@ -189,6 +189,29 @@ def inventory_refresh_local() -> Host:
     return host
 
 
+def host_check_run_user_reach(host: Host) -> None:
+    """Record on the local host which of the server's services its run user can reach without
+    a password (localuser.local_refusal reads it). Checked as that user, by connecting: what
+    the machine's Redis and PostgreSQL allow is theirs to decide, not ours to assume. A check
+    that could not run leaves the last answer (or none: members then wait for the next)."""
+    from clusters.executors import Executor, LocalTransport, ProtocolError, TransportError
+
+    user = localuser.run_user()
+    if user is None:
+        return
+    try:
+        reaches = Executor(LocalTransport(user)).reach(localuser.reach_targets())
+    except (TransportError, ProtocolError) as exc:
+        log.warning("could not check what %s can reach: %s", user.name, exc)
+        return
+    if host.facts.get(localuser.REACHES) == reaches:
+        return
+    if reaches:
+        log.warning("the run user %s can reach %s without a password", user.name, reaches)
+    host.facts = {**host.facts, localuser.REACHES: reaches}
+    Host.objects.filter(pk=host.pk).update(facts=host.facts)
+
+
 def parse_sinfo(text: str) -> dict[str, Any]:
     """Rows of `sinfo -h -o '%P|%D|%G|%T'` (partition, nodes, gres, state) as a summary."""
     partitions: dict[str, dict[str, Any]] = {}

@@ -22,7 +22,8 @@ REFRESH_LOCAL = "clusters.tasks.refresh_local_inventory"
 
 @shared_task(name=REFRESH_LOCAL, ignore_result=True)
 def refresh_local_inventory() -> None:
-    services.inventory_refresh_local()
+    host = services.inventory_refresh_local()
+    services.host_check_run_user_reach(host)
     services.slurm_detect()
 
 

@@ -80,6 +80,7 @@ class HostRef:
 
     id: int
     name: str
+    has_gpus: bool = True  # it reports GPUs (gpu_source is not `none`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,19 +95,32 @@ class FreeGpu:
 
 @dataclass
 class Capacity:
-    """The pass's view of free GPUs, kept in memory and updated as runs are placed."""
+    """The pass's view of the lab, read as the walk first needs each part and then kept in
+    memory, updated as runs are placed: a pass that meets only CPU runs never reads a GPU."""
 
-    free: dict[int, list[FreeGpu]]  # host id -> free GPUs by index
-    user_gpus: dict[int, int]  # user id -> GPUs leased to the user's active runs
-    # Set where the local host takes admins' runs only (no separate run user): who they are.
+    per_user: bool = False  # whether the lab caps GPUs per user (only then is user_gpus read)
+    # Set where the local host takes admins' runs only (localuser.local_refusal): who they
+    # are, and why.
     local_admins: frozenset[int] | None = None
+    local_refusal: str | None = None
 
     @classmethod
     def load(cls, *, per_user: bool) -> Capacity:
-        """One query for the GPUs, with their host's policy and whether a lease holds them.
+        refusal = localuser.local_refusal()
+        admins = None if refusal is None else _admin_ids()
+        return cls(per_user=per_user, local_admins=admins, local_refusal=refusal)
 
-        Plain rows, not models: every quick pass reads every GPU of the lab (with 64 GPUs,
-        model instances cost 8 ms of CPU per pass, rows 4 ms)."""
+    def admins_only(self) -> str:
+        """Why a member's run may not go to the local host."""
+        return localuser.admins_only_reason(self.local_refusal)
+
+    @cached_property
+    def free(self) -> dict[int, list[FreeGpu]]:
+        """Host id -> its free GPUs by index: one query for the GPUs, with their host's policy
+        and whether a lease holds them.
+
+        Plain rows, not models: a GPU pass reads every GPU of the lab (with 64 GPUs, model
+        instances cost 8 ms of CPU per pass, rows 4 ms)."""
         active = GpuLease.objects.filter(gpu=OuterRef("pk"), released_at__isnull=True)
         rows = (
             Gpu.objects.filter(host__in=enabled_hosts(), present=True)
@@ -140,33 +154,41 @@ class Capacity:
                 and util <= policy.max_utilization_pct
             ):
                 free[host_id].append(FreeGpu(gpu_id, index, max(0, total - used), host))
-        user_gpus: dict[int, int] = defaultdict(int)
-        if per_user:  # only the lab's per-user cap reads it
+        return free
+
+    @cached_property
+    def user_gpus(self) -> dict[int, int]:
+        """User id -> GPUs leased to the user's active runs (read where the lab caps them)."""
+        used: dict[int, int] = defaultdict(int)
+        if self.per_user:
             for user_id, n in Run.objects.filter(status__in=list(ACTIVE)).values_list(
                 "created_by_id", "gpus"
             ):
-                user_gpus[user_id] += n
-        admins = None if localuser.members_may_run_locally() else _admin_ids()
-        return cls(free=free, user_gpus=user_gpus, local_admins=admins)
+                used[user_id] += n
+        return used
 
     def may_use_local(self, user_id: int | None) -> bool:
         """Whether this user's runs may go to the local host."""
         return self.local_admins is None or user_id in self.local_admins
 
-    def may_use(self, host: HostRef | Host, user_id: int | None) -> bool:
+    def may_use(self, host: HostRef, user_id: int | None) -> bool:
         """Whether the run's owner may run on this host (the local host may be admins' only)."""
         return host.name != LOCAL_HOST_NAME or self.may_use_local(user_id)
 
     @cached_property
-    def hosts(self) -> dict[int, Host]:
-        """Every host that may get work; read only when a CPU run or a waiting reason needs it."""
-        return {h.id: h for h in enabled_hosts()}
+    def hosts(self) -> dict[int, HostRef]:
+        """Every host that may get work, as plain rows; read only when a CPU run or a waiting
+        reason needs it."""
+        return {
+            host_id: HostRef(host_id, name, source != GpuSource.NONE)
+            for host_id, name, source in enabled_hosts().values_list("id", "name", "gpu_source")
+        }
 
     def free_total(self) -> int:
         """How many GPUs are free in the whole lab, as the pass sees it now."""
         return sum(len(gpus) for gpus in self.free.values())
 
-    def take(self, host: HostRef | Host, gpus: list[FreeGpu], user_id: int | None) -> None:
+    def take(self, host: HostRef, gpus: list[FreeGpu], user_id: int | None) -> None:
         """These GPUs are no longer free (placed here, or taken by another pass meanwhile)."""
         taken = {g.id for g in gpus}
         self.free[host.id] = [g for g in self.free[host.id] if g.id not in taken]
@@ -184,14 +206,11 @@ class Capacity:
         )
         return f"{needs(run.gpus, run.min_free_mem_mb)}; {counts or NO_GPU_HOST}"
 
-    def gpu_hosts(self) -> list[Host]:
+    def gpu_hosts(self) -> list[HostRef]:
         """The enabled hosts that report GPUs, by name."""
-        return sorted(
-            (h for h in self.hosts.values() if h.gpu_source != GpuSource.NONE),
-            key=lambda h: h.name,
-        )
+        return sorted((h for h in self.hosts.values() if h.has_gpus), key=lambda h: h.name)
 
-    def default_host(self, user_id: int | None) -> Host | None:
+    def default_host(self, user_id: int | None) -> HostRef | None:
         """Where a CPU run without a host goes: the local host first, where its owner may."""
         usable = sorted(
             (h for h in self.hosts.values() if self.may_use(h, user_id)), key=lambda h: h.name

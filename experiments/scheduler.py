@@ -31,8 +31,6 @@ from django.db.models.fields.json import KT
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
-from clusters import localuser
-from clusters.models import Host
 from experiments import jobs, services
 from experiments.actors import Actor
 from experiments.capacity import HOST_GONE, NO_HOST, Capacity, FreeGpu, HostRef, need_mb
@@ -41,6 +39,7 @@ from experiments.models import GpuLease, Plan, Run
 
 SYSTEM = Actor.system()
 QUICK_CHUNK = 64  # rows a quick pass reads at a time from the head of the queue
+QUICK_FIRST = 8  # ... and the first time: a freed GPU usually goes to one of the first runs
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,7 +72,7 @@ class Placement(enum.Enum):
     TAKEN = "taken"  # a GPU was leased by another pass first (the constraint said no)
 
 
-def _place(run: QueuedRun, host: HostRef | Host, gpus: list[FreeGpu]) -> Placement:
+def _place(run: QueuedRun, host: HostRef, gpus: list[FreeGpu]) -> Placement:
     """Lease the GPUs and move queued -> launching in ONE transaction."""
     try:
         with transaction.atomic():
@@ -285,10 +284,10 @@ class _Pass:
         if host is None:
             why = HOST_GONE if run.host_id else NO_HOST
             if not run.host_id and self.capacity.local_admins is not None:
-                why = localuser.admins_only_reason()
+                why = self.capacity.admins_only()
             self.wait(run, why)
         elif not self.capacity.may_use(host, run.created_by_id):
-            self.wait(run, localuser.admins_only_reason())
+            self.wait(run, self.capacity.admins_only())
         elif _place(run, host, []) is Placement.PLACED:
             self.placed += 1
 
@@ -385,12 +384,12 @@ def schedule_pass(*, full: bool = True, cpu: bool = True) -> dict[str, int]:
     if full:
         for run in _rows(gpu_queue):
             pass_.consider_gpu(run)
-    elif not pass_.blocked():
-        # A GPU that frees usually goes to one of the first few runs: read those first.
-        first = min(QUICK_CHUNK, 8 + 2 * pass_.capacity.free_total())
-        for run in _head_first(gpu_queue, first):
-            pass_.consider_gpu(run)
+    else:
+        # A GPU that frees usually goes to one of the first few runs: read those first, and
+        # read the GPUs only once a GPU run waits (a CPU run's kick then costs no GPU query).
+        for run in _head_first(gpu_queue, QUICK_FIRST):
             if pass_.blocked():
                 break
+            pass_.consider_gpu(run)
     pass_.write_reasons()
     return pass_.result()

@@ -13,6 +13,7 @@ from django.http import Http404, JsonResponse
 from rest_framework import exceptions, pagination, routers, serializers, status
 from rest_framework.request import Request
 from rest_framework.response import Response
+from rest_framework.settings import api_settings
 from rest_framework.views import exception_handler as drf_exception_handler
 from rest_framework.views import set_rollback
 
@@ -48,6 +49,20 @@ def query_int(
         bounds = f"from {minimum} to {maximum}" if maximum < INT64_MAX else f">= {minimum}"
         raise exceptions.ValidationError({name: [f"must be an integer {bounds}"]})
     return int(text)
+
+
+def no_body(request: Request) -> None:
+    """For actions that take no body: one with anything in it is a 400, never ignored (a
+    `rerun` with a new `command` would otherwise rerun the old one). Nothing, `{}` and an
+    empty form are fine: that is what `curl -X POST` and `-d '{}'` send."""
+    data = request.data
+    if not data:
+        return
+    keys = [str(key)[:50] for key in data] if hasattr(data, "keys") else []
+    what = f"unknown field(s): {', '.join(sorted(keys)[:10])}" if keys else "a body was sent"
+    raise exceptions.ValidationError(
+        {api_settings.NON_FIELD_ERRORS_KEY: [f"this action takes no body; {what}"]}
+    )
 
 
 def shown_key(value: str) -> str:

@@ -83,7 +83,9 @@ def _error_responses(path: str, method: str, operation: dict[str, Any]) -> dict[
     has_body = "requestBody" in operation
     in_path = {p["name"] for p in params if p.get("in") == "path"}
     out: dict[str, Any] = {}
-    if has_body or any(p.get("in") == "query" for p in params) or in_path - {"id"}:
+    # A body sent to a POST that takes none is refused (labsite.api.no_body), too.
+    posted = method == "post"
+    if has_body or posted or any(p.get("in") == "query" for p in params) or in_path - {"id"}:
         out["400"] = _error("the request is malformed or breaks a rule; `detail` says which")
     out["401"] = _error(
         "the token sent is wrong or revoked" if open_to_all else "no token, or a wrong one"
@@ -92,7 +94,7 @@ def _error_responses(path: str, method: str, operation: dict[str, Any]) -> dict[
         out["403"] = _error("not allowed for this user (or a browser session without CSRF)")
     if "id" in in_path:
         out["404"] = _error("no object with this id")
-    if has_body:
+    if has_body or posted:
         out["413"] = _error("the body is larger than LABSITE_MAX_BODY_BYTES")
     out["429"] = _error("too many failed authentications from this address; wait a minute")
     return out

@@ -246,6 +246,8 @@ LABSITE: dict[str, Any] = {
     "MAX_NAME_LENGTH": env_int("LABSITE_MAX_NAME_LENGTH", 200, minimum=1),
     "MAX_ENV_VARS": env_int("LABSITE_MAX_ENV_VARS", 200, minimum=0),
     "MAX_ENV_BYTES": env_int("LABSITE_MAX_ENV_BYTES", 65536, minimum=0),
+    # A run's params, and a sweep's grid, as JSON: list pages show them whole.
+    "MAX_PARAMS_BYTES": env_int("LABSITE_MAX_PARAMS_BYTES", 16384, minimum=2),
     "MAX_JSON_DEPTH": env_int("LABSITE_MAX_JSON_DEPTH", 32, minimum=2),
     "MAX_BODY_BYTES": env_int("LABSITE_MAX_BODY_BYTES", 2 * 2**20, minimum=1024),
     # List endpoints show at most this much of a command (the run's own page shows all of it).

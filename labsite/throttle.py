@@ -26,8 +26,21 @@ def _client(url: str) -> redis.Redis:
     return redis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=0.5)
 
 
+def client_address(request: Any) -> str:
+    """The address failures are counted for. Behind the README's reverse proxy on the same
+    machine (LABSITE_HTTPS) every request comes from loopback, and one client's failures would
+    lock out everyone: there it is the last X-Forwarded-For entry, the one the proxy itself
+    appended (what a client put before it is not believed)."""
+    remote = str(request.META.get("REMOTE_ADDR") or "unknown")
+    forwarded = str(request.META.get("HTTP_X_FORWARDED_FOR") or "")
+    if settings.HTTPS and forwarded and (remote.startswith("127.") or remote == "::1"):
+        last = forwarded.rsplit(",", 1)[-1].strip()
+        return last[:64] or remote
+    return remote
+
+
 def _key(request: Any) -> str:
-    return PREFIX + str(request.META.get("REMOTE_ADDR") or "unknown")
+    return PREFIX + client_address(request)
 
 
 def limit() -> int:

@@ -9,6 +9,7 @@ echoes the value.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Mapping
@@ -44,6 +45,11 @@ def check_size(
         raise ValidationError(
             {field: f"{verb} {size} {unit}; this lab allows at most {most} (LABSITE_{name})"}
         )
+
+
+def json_size(value: Any) -> int:
+    """The bytes `value` takes as compact JSON (as the API sends it back)."""
+    return len(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode())
 
 
 def check_int(field: str, value: int | None, *, minimum: int, maximum: int = INT32_MAX) -> None:

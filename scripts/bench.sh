@@ -26,6 +26,9 @@ PYEOF
   "$PY" manage.py migrate --noinput -v0
 }
 export DATABASE_URL="${base%/labsite}/$db_name"
+# This machine's Redis and PostgreSQL answer local users without a password: trust the bench's
+# members on the local host, as the tests do (tests/conftest.py).
+export LABSITE_LOCAL_TRUST_MEMBERS="${LABSITE_LOCAL_TRUST_MEMBERS:-true}"
 export LABSITE_DATA_DIR="${BENCH_DATA_DIR:-$ROOT/.test-data/bench}"
 mkdir -p "$LABSITE_DATA_DIR"
 # BENCH="sched burst" make bench runs only those.

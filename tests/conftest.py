@@ -44,6 +44,16 @@ def _require_postgres(request: pytest.FixtureRequest) -> None:
         )
 
 
+@pytest.fixture(autouse=True)
+def _local_members_trusted(settings: Any) -> None:
+    """The machines the tests run on have a Redis without a password and a PostgreSQL that
+    trusts local connections (TESTING.md), so the run user could reach both and the local
+    host would take admins' runs only: the tests trust members there, as a lab may
+    (LABSITE_LOCAL_TRUST_MEMBERS), and the workers they start inherit that (child_env).
+    tests/integration/test_run_user_reach.py checks the refusal with the trust off."""
+    settings.LABSITE = {**settings.LABSITE, "LOCAL_TRUST_MEMBERS": True}
+
+
 @pytest.fixture
 def celery_worker(transactional_db: None, tmp_path: Any) -> Any:
     """A real `celery worker -B` process on the test database and the test Redis db."""

@@ -6,6 +6,7 @@ from typing import Any
 
 from rest_framework import serializers
 
+from clusters import localuser
 from clusters.choices import HostKind
 from clusters.models import Host
 from labsite import roles
@@ -15,6 +16,9 @@ from labsite.validation import INT32_MAX, InputSerializer, ModelInputSerializer
 class HostSerializer(serializers.ModelSerializer[Host]):
     gpu_count = serializers.SerializerMethodField()
     has_identity = serializers.SerializerMethodField()
+    members_refused = serializers.SerializerMethodField(
+        help_text="the local host only: why members' runs may not go there (null: they may)"
+    )
 
     class Meta:
         model = Host
@@ -39,6 +43,7 @@ class HostSerializer(serializers.ModelSerializer[Host]):
             "gpu_free_max_mem_mb",
             "gpu_free_max_util_pct",
             "has_identity",
+            "members_refused",
             "created_at",
         ]
         read_only_fields = fields
@@ -53,6 +58,11 @@ class HostSerializer(serializers.ModelSerializer[Host]):
 
     def get_gpu_count(self, host: Host) -> int:
         return sum(1 for g in host.gpus.all() if g.present)
+
+    def get_members_refused(self, host: Host) -> str | None:
+        if host.kind != HostKind.LOCAL:
+            return None
+        return localuser.local_refusal(host.facts)
 
     def get_has_identity(self, host: Host) -> bool:
         return bool(host.identity_file)

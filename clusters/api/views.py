@@ -22,7 +22,7 @@ from rest_framework.response import Response
 from clusters import services, tasks
 from clusters.api import serializers as s
 from clusters.models import Host
-from labsite.api import KEY_PATTERN, ErrorSerializer, shown_key
+from labsite.api import KEY_PATTERN, ErrorSerializer, no_body, shown_key
 from labsite.errors import Conflict
 from labsite.roles import is_admin
 
@@ -131,6 +131,7 @@ class HostViewSet(viewsets.ModelViewSet[Host]):
     @action(detail=True, methods=["post"])
     def probe(self, request: Request, pk: str) -> Response:
         """Ask a worker to check reachability: online, offline or key_mismatch (poll the host)."""
+        no_body(request)
         return self._probe_later(self.get_object())
 
     @extend_schema(request=s.AcceptKeySerializer, responses={202: s.HostProbeSerializer})

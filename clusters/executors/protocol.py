@@ -247,6 +247,18 @@ def parse_cancel(stdout: str) -> int:
     return int(match.group(2))
 
 
+def parse_reach(stdout: str) -> list[str]:
+    """reach.py's answer: the names of the targets that answered without a password."""
+    try:
+        data = json.loads(stdout)
+    except ValueError as exc:
+        raise ProtocolError(f"unexpected reach answer: {_excerpt(stdout)}") from exc
+    found = data.get("open") if isinstance(data, dict) else None
+    if not isinstance(found, list) or not all(isinstance(name, str) for name in found):
+        raise ProtocolError(f"unexpected reach answer: {_excerpt(stdout)}")
+    return found
+
+
 def poll_answer(stdout: str) -> dict[str, Any]:
     """poll.py's JSON answer, checked at the top level (parse_poll and parse_gpu read it)."""
     try:

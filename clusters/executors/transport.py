@@ -70,11 +70,11 @@ class Transport(Protocol):
 
 
 class _LocalStream(Stream):
-    def __init__(self, script: str, spawn: dict[str, Any]) -> None:
+    def __init__(self, script: str, spawn: dict[str, Any], prefix: list[str]) -> None:
         super().__init__()
         try:
             self.proc = subprocess.Popen(
-                ["bash", "-s"],
+                [*prefix, "bash", "-s"],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.DEVNULL,
@@ -118,12 +118,24 @@ class LocalTransport:
         env = clean_environment(user)
         # Started in the home directory, as over SSH: never in the server's working directory.
         self.spawn: dict[str, Any] = {"env": env, "close_fds": True, "cwd": env["HOME"]}
+        # setpriv (util-linux) changes the user, not subprocess's user=/group=: with those,
+        # CPython forks the whole worker instead of vfork-ing it (measured: 8 ms a launch from
+        # a worker-sized process against 5 with setpriv's exec). setpriv sets the real,
+        # effective and saved ids, so the script keeps no way back to the server's user.
+        self.prefix: list[str] = []
         if user is not None:
-            self.spawn.update(user=user.uid, group=user.gid, extra_groups=[])
+            self.prefix = [
+                "setpriv",
+                f"--reuid={user.uid}",
+                f"--regid={user.gid}",
+                "--clear-groups",
+                "--",
+            ]
 
     def run(self, interpreter: str, script: str, timeout: float) -> Result:
         # Isolated and without site: no site-packages or shims to slow (or change) each poll.
         argv = ["bash", "-s"] if interpreter == "bash" else [python_for(self.user), "-I", "-S", "-"]
+        argv = self.prefix + argv
         try:
             done = subprocess.run(
                 argv,
@@ -146,4 +158,4 @@ class LocalTransport:
         )
 
     def stream(self, script: str, timeout: float) -> Stream:
-        return _LocalStream(script, self.spawn)
+        return _LocalStream(script, self.spawn, self.prefix)

@@ -288,6 +288,28 @@ class PlanSerializer(serializers.ModelSerializer):
         return plan.reviewer.username if plan.reviewer is not None else None
 
 
+class PlanListSerializer(PlanSerializer):
+    """A plan as lists show it: the head of its markdown and of each section, and whether the
+    markdown was cut (LABSITE_LIST_COMMAND_CHARS characters, as for commands); GET
+    /plans/{id} has them whole."""
+
+    raw_markdown_truncated = serializers.SerializerMethodField()
+
+    class Meta(PlanSerializer.Meta):
+        fields = [*PlanSerializer.Meta.fields, "raw_markdown_truncated"]
+        read_only_fields = fields
+
+    def to_representation(self, plan: Plan) -> dict[str, Any]:
+        data: dict[str, Any] = super().to_representation(plan)
+        most = lab_limit("LIST_COMMAND_CHARS")
+        data["raw_markdown"] = data["raw_markdown"][:most]
+        data["sections"] = {k: str(v)[:most] for k, v in (data["sections"] or {}).items()}
+        return data
+
+    def get_raw_markdown_truncated(self, plan: Plan) -> bool:
+        return len(plan.raw_markdown) > lab_limit("LIST_COMMAND_CHARS")
+
+
 class PlanDetailSerializer(PlanSerializer):
     events = PlanEventSerializer(many=True, read_only=True)
 

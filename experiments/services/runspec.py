@@ -29,7 +29,7 @@ from experiments.models import (
     Sweep,
 )
 from labsite import roles
-from labsite.validation import INT32_MAX, check_int, check_size, lab_limit
+from labsite.validation import INT32_MAX, check_int, check_size, json_size, lab_limit
 
 GPUWRAP_KEYS = {"enabled", "retries", "retry_delay_seconds"}
 MAX_RETRY_DELAY_SECONDS = 86400
@@ -92,7 +92,7 @@ def waiting_reason_for(
 ) -> str:
     """The reason a run has the moment it is queued: why no enabled host could ever take it,
     if so (one query, per request, not per run), else that it waits for the next pass."""
-    may_use_local = localuser.members_may_run_locally() or roles.is_admin(owner)
+    may_use_local = roles.is_admin(owner) or localuser.members_may_run_locally()
     never = never_fits(
         gpus=gpus, min_free_mem_mb=min_free_mem_mb, host=host, may_use_local=may_use_local
     )
@@ -224,13 +224,10 @@ def run_spec(
     check_int("priority", priority, minimum=-INT32_MAX)
     if host is not None and not host.enabled:
         raise ValidationError({"host": f"host {host.name} is disabled"})
-    if (
-        host is not None
-        and host.kind == HostKind.LOCAL
-        and not localuser.members_may_run_locally()
-        and not roles.is_admin(actor.user)
-    ):
-        raise ValidationError({"host": localuser.admins_only_reason()})
+    if host is not None and host.kind == HostKind.LOCAL and not roles.is_admin(actor.user):
+        refusal = localuser.local_refusal()
+        if refusal is not None:
+            raise ValidationError({"host": localuser.admins_only_reason(refusal)})
     clean_env = _check_env(env, leases_gpus=gpus > 0 or bool(wrap.get("enabled")))
     linked_plan = effective_plan(plan=plan, sweep=sweep)
     for target in {id(t): t for t in (sweep, plan, linked_plan) if t is not None}.values():
@@ -281,7 +278,9 @@ def new_run(
     """An unsaved run from a spec; the command and name are checked here, per run."""
     command = check_command("command", command)
     name = check_name("name", name, Run) or command.split()[0][: name_limit(Run)]
-    run = Run(**spec, command=command, name=name, params=dict(params or {}))
+    params = dict(params or {})
+    check_size("params", json_size(params), "MAX_PARAMS_BYTES", "bytes as JSON")
+    run = Run(**spec, command=command, name=name, params=params)
     if run_id is not None:
         run.id = run_id
     return run

@@ -35,7 +35,7 @@ from experiments.services.runspec import (
     run_spec,
     settle_start,
 )
-from labsite.validation import check_int, lab_limit
+from labsite.validation import check_int, check_size, json_size, lab_limit
 
 
 def grid_size(parameters: Mapping[str, Any]) -> int:
@@ -63,6 +63,7 @@ def _check_parameters(parameters: Any) -> dict[str, list[Any]]:
             if not isinstance(value, str | int | float | bool):
                 raise ValidationError({"parameters": f"{key}: values must be strings or numbers"})
         clean[str(key)] = values
+    check_size("parameters", json_size(clean), "MAX_PARAMS_BYTES", "bytes as JSON")
     return clean
 
 

@@ -47,6 +47,7 @@ def child_env(**extra: str) -> dict[str, str]:
         DATABASE_URL=database_url_for_children(),
         REDIS_URL=settings.REDIS_URL,
         LABSITE_DATA_DIR=str(settings.DATA_DIR),
+        LABSITE_LOCAL_TRUST_MEMBERS="true" if settings.LABSITE["LOCAL_TRUST_MEMBERS"] else "false",
         PYTHONUNBUFFERED="1",
     )
     env.update(extra)

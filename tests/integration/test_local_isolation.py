@@ -171,7 +171,7 @@ def test_a_members_run_waits_with_a_reason_where_there_is_no_run_user(
     its members there THEN the member's run starts too. (No worker: the pass runs here, with
     this process's settings, and dispatches are recorded instead of sent.)"""
     monkeypatch.setattr(jobs, "_send", lambda *args, **kwargs: None)
-    settings.LABSITE = {**settings.LABSITE, "LOCAL_RUN_USER": ""}
+    settings.LABSITE = {**settings.LABSITE, "LOCAL_RUN_USER": "", "LOCAL_TRUST_MEMBERS": False}
     host = host_ensure_local()
     Host.objects.filter(pk=host.pk).update(enabled=True)
 
@@ -194,7 +194,7 @@ def test_a_members_run_waits_with_a_reason_where_there_is_no_run_user(
 
 @pytest.mark.django_db
 def test_a_member_asking_for_the_local_host_is_told_why_not(member, admin, settings):
-    settings.LABSITE = {**settings.LABSITE, "LOCAL_RUN_USER": ""}
+    settings.LABSITE = {**settings.LABSITE, "LOCAL_RUN_USER": "", "LOCAL_TRUST_MEMBERS": False}
     Host.objects.filter(pk=host_ensure_local().pk).update(enabled=True)
     body = {"command": "true", "host": "local", "auto_start": True}
     refused = member.client.post("/api/runs", body, format="json")

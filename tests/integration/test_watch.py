@@ -22,6 +22,16 @@ def followers(marker: str) -> list[int]:
     return found
 
 
+def wait_for_followers(marker: str, timeout: float = 5.0) -> list[int]:
+    """The followers once there are any: the ready line comes right after bash forks the
+    `tail`, and the child may not have exec'd it yet (nothing is missed meanwhile: tail starts
+    from the size measured before the ready line)."""
+    deadline = time.monotonic() + timeout
+    while not (found := followers(marker)) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return found
+
+
 def next_event(stream, timeout: float = 10.0) -> tuple[str, float]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -36,7 +46,7 @@ def test_a_local_run_end_is_streamed_at_once_and_close_stops_the_follower(tmp_pa
     executor = Executor(LocalTransport())
     stream = executor.watch(root, heartbeat_seconds=1)
     try:
-        assert followers(root), "the stream follows the events file"
+        assert wait_for_followers(root), "the stream follows the events file"
         executor.launch(LaunchSpec(run_id="w1", command="sleep 0.3", run_root=root))
         executor.launch(LaunchSpec(run_id="w2", command="exit 3", run_root=root, dir_name="w2-a2"))
         seen = dict([next_event(stream), next_event(stream)])

@@ -211,6 +211,33 @@ def test_lists_show_the_head_of_long_commands_and_detail_shows_all(member, setti
     assert detail["command"] == long_command and "command_truncated" not in detail
 
 
+def test_params_and_grids_are_bounded_by_the_lab(member):
+    """Lists show params whole, so they are bounded: 1.9 MB of params in five runs made a
+    runs page of 9.6 MB. The default limit is 16 KiB of JSON."""
+    big = {"blob": "x" * 20000}
+    _refused(
+        _post(member, "/api/runs", {"command": "true", "params": big}),
+        "params",
+        "LABSITE_MAX_PARAMS_BYTES",
+    )
+    _refused(_grid(member, {"blob": ["x" * 20000]}), "parameters", "LABSITE_MAX_PARAMS_BYTES")
+    _nothing_created()
+    fine = _post(member, "/api/runs", {"command": "true", "params": {"lr": 0.1, "tag": "y" * 9000}})
+    assert fine.status_code == 201, fine.content
+
+
+def test_plan_lists_show_the_head_of_long_markdown(member, settings):
+    _lab(settings, LIST_COMMAND_CHARS=80)
+    body = "## Objective\n" + "g" * 3000 + "\n\n## Approach\n" + "m" * 3000
+    plan_id = _post(member, "/api/plans", {"title": "t", "raw_markdown": body}).json()["id"]
+    (row,) = member.client.get("/api/plans").json()["results"]
+    assert row["raw_markdown"] == body[:80] and row["raw_markdown_truncated"] is True
+    assert row["sections"] and all(len(text) <= 80 for text in row["sections"].values())
+    detail = member.client.get(f"/api/plans/{plan_id}").json()
+    assert detail["raw_markdown"] == body
+    assert max(len(text) for text in detail["sections"].values()) >= 3000
+
+
 def test_sweep_run_rows_are_summaries_too(member, settings):
     _lab(settings, LIST_COMMAND_CHARS=50)
     response = _grid(member, {"tag": ["a", "b"]}, base_command="python train.py " + "q" * 200)

@@ -262,6 +262,9 @@ def test_a_session_id_no_cursor_can_hold_is_a_400(member, session_id, needle):
         ("/api/runs?chat_session_id=" + "s" * 300, "chat_session_id"),
         ("/api/plans?status=bogus", "status"),
         ("/api/alerts?status=bogus", "status"),
+        ("/api/alerts?offset=null", "offset"),
+        ("/api/hosts?offset=null", "offset"),
+        ("/api/hosts?limit=-1", "limit"),
         ("/api/sweeps?kind=bogus", "kind"),
     ],
 )
@@ -320,6 +323,25 @@ def test_unknown_fields_on_decisions_and_hosts(member, pi, admin):
     Host.objects.create(name="box", kind="ssh", hostname="10.0.0.1")
     response = admin.client.patch("/api/hosts/box", {"state": "online"}, format="json")
     assert _detail_400(response).startswith("unknown field(s): state")
+
+
+def test_actions_that_take_no_body_refuse_one_and_change_nothing(member, admin):
+    """A rerun with a new `command` would otherwise rerun the old one, silently."""
+    Host.objects.create(name="box", kind="ssh", hostname="10.0.0.1")
+    run = services.run_create(actor=_actor(member), command="echo old", kick=False)
+    for path, body in [
+        (f"/api/runs/{run.id}/rerun", {"command": "echo new"}),
+        (f"/api/runs/{run.id}/start", {"bogus": 1}),
+        (f"/api/runs/{run.id}/stop", {"force": True}),
+        ("/api/cluster/detect", {"type": "slurm"}),
+    ]:
+        response = member.client.post(path, body, format="json")
+        assert _detail_400(response).startswith("this action takes no body; unknown field(s)")
+    assert _detail_400(admin.client.post("/api/hosts/box/probe", {"x": 1}, format="json"))
+    assert Run.objects.count() == 1 and Run.objects.get().status == "ready"
+    # What curl sends with no -d, and with -d '{}', is fine.
+    assert member.client.post(f"/api/runs/{run.id}/start").status_code == 200
+    assert member.client.post(f"/api/runs/{run.id}/stop", {}, format="json").status_code == 200
 
 
 def test_every_field_the_agent_prompts_send_is_accepted(member):

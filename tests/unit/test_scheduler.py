@@ -210,15 +210,26 @@ def test_a_quick_pass_reads_only_the_head_of_a_long_queue(hosts, member, other):
     assert tail.waiting_reason == "needs 1 GPU(s); 0 free on node-a, 0 free on node-b"
 
 
-def test_a_quick_pass_with_nothing_free_reads_no_queue_of_gpu_runs(hosts, member):
+def test_a_quick_pass_with_nothing_free_reads_only_the_head_of_the_gpu_queue(hosts, member):
     for gpu in hosts[2]["a"] + hosts[2]["b"]:
         gpu.delete()
     make(member, n=50, gpus=1)
     with CaptureQueriesContext(connection) as ctx:
         result = scheduler.schedule_pass(full=False)
     assert result == {"placed": 0, "expired": 0, "waiting": 0}
-    gpu_queue_reads = [q for q in ctx.captured_queries if '"gpus" > 0' in q["sql"]]
-    assert gpu_queue_reads == []
+    gpu_queue_reads = [q["sql"] for q in ctx.captured_queries if '"gpus" > 0' in q["sql"]]
+    assert len(gpu_queue_reads) == 1
+    assert gpu_queue_reads[0].endswith(f"LIMIT {scheduler.QUICK_FIRST}")
+
+
+def test_a_quick_pass_for_a_cpu_run_reads_no_gpu(hosts, member):
+    """GIVEN only a CPU run waits WHEN a quick pass places it THEN no GPU row is read: the
+    kick of a run submitted alone costs the CPU queue, the hosts and the placement."""
+    cpu = make(member, gpus=0, wrap={})[0]
+    with CaptureQueriesContext(connection) as ctx:
+        scheduler.schedule_pass(full=False)
+    assert Run.objects.get(pk=cpu.pk).status == "launching"
+    assert [q["sql"] for q in ctx.captured_queries if '"clusters_gpu"' in q["sql"]] == []
 
 
 def test_cpu_runs_never_wait_behind_gpu_runs(hosts, member):

@@ -50,3 +50,29 @@ def test_a_right_password_under_the_limit_signs_in(low_limit, db):
     browser.post("/login", {"username": "frank", "password": "nope"})
     page = browser.post("/login", {"username": "frank", "password": "right-password-2"})
     assert page.status_code == 302 and browser.session["_auth_user_id"] == str(user.pk)
+
+
+def test_behind_the_proxy_each_client_is_counted_for_itself(low_limit, anon, settings):
+    """GIVEN the lab behind its proxy (LABSITE_HTTPS: every request from 127.0.0.1) WHEN one
+    client keeps failing THEN it alone is throttled, by the address the proxy appended; a
+    client's own X-Forwarded-For entries count for nothing, and without the proxy setting the
+    header is not believed at all."""
+    settings.HTTPS = True
+    proxied = {"HTTP_X_FORWARDED_PROTO": "https", "secure": True}
+
+    def bad(xff: str) -> int:
+        return anon.get(
+            "/api/runs", HTTP_X_AUTH_TOKEN="wrong", HTTP_X_FORWARDED_FOR=xff, **proxied
+        ).status_code
+
+    assert [bad("203.0.113.9") for _ in range(4)] == [401, 401, 401, 429]
+    assert bad("198.51.100.7") == 401, "another client is not locked out"
+    assert bad("198.51.100.7, 203.0.113.9") == 429, "the proxy's entry counts, not the client's"
+    settings.HTTPS = False
+    spoofed = [
+        anon.get(
+            "/api/runs", HTTP_X_AUTH_TOKEN="wrong", HTTP_X_FORWARDED_FOR=f"192.0.2.{i}"
+        ).status_code
+        for i in range(4)
+    ]
+    assert spoofed == [401, 401, 401, 429], "without the proxy, the header changes nothing"

@@ -13,6 +13,7 @@ from rest_framework.views import APIView
 from clusters import services as cluster_services
 from clusters import tasks as cluster_tasks
 from experiments import selectors
+from labsite.api import no_body
 
 
 class ClusterView(APIView):
@@ -33,6 +34,7 @@ class ClusterDetectView(APIView):
         # nvidia-smi and sinfo run in the worker: sinfo hangs while slurmctld is down, and a
         # request must not. The local host's row is only a database write, so it is there at
         # once for the agents that look for it.
+        no_body(request)
         requested_at = timezone.now()
         cluster_services.host_ensure_local()
         cluster_tasks.refresh_local_later()

@@ -35,7 +35,7 @@ class PlanViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gen
         return qs
 
     def get_serializer_class(self) -> type[s.PlanSerializer]:
-        return s.PlanDetailSerializer if self.action != "list" else s.PlanSerializer
+        return s.PlanDetailSerializer if self.action != "list" else s.PlanListSerializer
 
     def get_object(self) -> Plan:
         key_or_404(self.kwargs["pk"], "Plan")

@@ -24,7 +24,7 @@ from experiments.api.views.common import (
     run_options,
 )
 from experiments.models import Plan, Run, Sweep
-from labsite.api import key_or_404, query_int
+from labsite.api import key_or_404, no_body, query_int
 from labsite.validation import INT64_MAX
 
 
@@ -74,6 +74,7 @@ class RunViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gene
     @action(detail=True, methods=["post"])
     def start(self, request: Request, pk: str) -> Response:
         """Queue a ready run (held instead while its plan is not approved)."""
+        no_body(request)
         run = services.run_start(run=self.get_object(), actor=Actor.from_request(request))
         return Response(self._out(run))
 
@@ -81,6 +82,7 @@ class RunViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gene
     @action(detail=True, methods=["post"])
     def stop(self, request: Request, pk: str) -> Response:
         """Stop a run in any non-terminal state (queued and held included)."""
+        no_body(request)
         run = services.run_stop(run=self.get_object(), actor=Actor.from_request(request))
         return Response(self._out(run))
 
@@ -114,5 +116,6 @@ class RunViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gene
     @action(detail=True, methods=["post"])
     def rerun(self, request: Request, pk: str) -> Response:
         """A new run with the same command and settings, linked to this one."""
+        no_body(request)
         run = services.run_rerun(run=self.get_object(), actor=Actor.from_request(request))
         return Response(self._out(run), status=status.HTTP_201_CREATED)

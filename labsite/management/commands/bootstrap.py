@@ -42,14 +42,14 @@ class Command(BaseCommand):
         self._follow_the_run_user(host)
         if host.enabled:
             host = cluster_services.inventory_refresh_local()
+            cluster_services.host_check_run_user_reach(host)
         run_user = localuser.run_user()
-        who = (
-            f"runs execute as {run_user.name}"
-            if run_user is not None
-            else localuser.admins_only_reason()
-            if not localuser.members_may_run_locally()
-            else "members' runs execute as the server's user (LABSITE_LOCAL_TRUST_MEMBERS)"
-        )
+        refusal = localuser.local_refusal()
+        who = f"runs execute as {run_user.name}" if run_user is not None else ""
+        if refusal is not None:
+            who = "; ".join(filter(None, [who, localuser.admins_only_reason(refusal)]))
+        elif run_user is None:
+            who = "members' runs execute as the server's user (LABSITE_LOCAL_TRUST_MEMBERS)"
         self.stdout.write(
             f"Host `local`: {'enabled' if host.enabled else 'disabled'}, "
             f"{host.gpus.filter(present=True).count()} GPU(s); {who}. {host.state_note}".rstrip()
