@@ -44,13 +44,14 @@ def _after_commit(task_name: str, *args: Any, **kwargs: Any) -> None:
     transaction.on_commit(lambda: _send(task_name, *args, **kwargs))
 
 
-def kick_scheduler(*, cpu: bool = True) -> None:
+def kick_scheduler(*, cpu: bool = True, gpu: bool = True) -> None:
     """A quick scheduler pass once the current transaction commits (cheap when one runs).
 
-    cpu=False when what changed can only help GPU runs (a run ended and freed its GPUs): a CPU
-    run waits for a host, never for a GPU, so that pass need not read the CPU runs' queue.
+    It reads only the queues that what changed can help: cpu=False when a run ended and freed
+    its GPUs (a CPU run waits for a host, never for a GPU); gpu=False when a CPU run was
+    queued (nothing was freed for the GPU runs, which the last pass already looked at).
     """
-    _after_commit(SCHEDULE, cpu=cpu)
+    _after_commit(SCHEDULE, cpu=cpu, gpu=gpu)
 
 
 # Where dispatches_held is in force: the list it fills, and how many it may hold.

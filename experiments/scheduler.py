@@ -364,14 +364,15 @@ class _Pass:
         return counts | ({"released": self.released} if self.released else {})
 
 
-def schedule_pass(*, full: bool = True, cpu: bool = True) -> dict[str, int]:
+def schedule_pass(*, full: bool = True, cpu: bool = True, gpu: bool = True) -> dict[str, int]:
     """Place queued runs by priority then age on GPUs that are free by policy.
 
     CPU runs (`gpus: 0`) take no GPU, so they are walked on their own and never wait behind GPU
     runs. A run that cannot be placed keeps a visible reason. A big run blocked longer than the
     lab's backfill bound holds the capacity: smaller runs behind it wait instead of passing it
     for ever. A quick pass (`full=False`) stops at the first run once nothing more fits, and
-    with `cpu=False` (a run ended: GPUs freed, no host) it reads only the GPU runs' queue. A full
+    with `cpu=False` (a run ended: GPUs freed, no host) it reads only the GPU runs' queue, with
+    `gpu=False` (a CPU run was queued: nothing freed for GPU runs) only the CPU runs'. A full
     pass first queues held runs whose plan is approved (release_cleared), then walks them too.
     """
     released = release_cleared() if full else []
@@ -384,7 +385,7 @@ def schedule_pass(*, full: bool = True, cpu: bool = True) -> dict[str, int]:
     if full:
         for run in _rows(gpu_queue):
             pass_.consider_gpu(run)
-    else:
+    elif gpu:
         # A GPU that frees usually goes to one of the first few runs: read those first, and
         # read the GPUs only once a GPU run waits (a CPU run's kick then costs no GPU query).
         for run in _head_first(gpu_queue, QUICK_FIRST):

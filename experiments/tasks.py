@@ -62,7 +62,11 @@ def _one_at_a_time(
             return
 
 
-FULL_FLAG, CPU_FLAG = "labsite:scheduler:full", "labsite:scheduler:cpu"
+FULL_FLAG, CPU_FLAG, GPU_FLAG = (
+    "labsite:scheduler:full",
+    "labsite:scheduler:cpu",
+    "labsite:scheduler:gpu",
+)
 # A pass starts this many of the runs it placed itself, once it has let go of the scheduler
 # lock: no trip through the broker to a second process. The others go out as dispatch tasks
 # as their placements commit, so the worker's other processes launch them in parallel.
@@ -72,7 +76,7 @@ INLINE_DISPATCHES = 1
 POLL_INLINE_DISPATCHES = 0
 
 
-def _schedule(*, full: bool, cpu: bool, inline: int) -> None:
+def _schedule(*, full: bool, cpu: bool, gpu: bool, inline: int) -> None:
     client = _redis()
     held: list[str] = []
 
@@ -80,13 +84,15 @@ def _schedule(*, full: bool, cpu: bool, inline: int) -> None:
         taking = client.pipeline()
         taking.getdel(FULL_FLAG)
         taking.getdel(CPU_FLAG)
-        full_flag, cpu_flag = taking.execute()
+        taking.getdel(GPU_FLAG)
+        full_flag, cpu_flag, gpu_flag = taking.execute()
         full_pass = bool(full_flag)
         cpu_runs = bool(cpu_flag) or full_pass
+        gpu_runs = bool(gpu_flag) or full_pass
         began, started, cpu_time = time.time(), time.perf_counter(), time.process_time()
         with jobs.dispatches_held(inline) as placed:
             try:
-                result = scheduler.schedule_pass(full=full_pass, cpu=cpu_runs)
+                result = scheduler.schedule_pass(full=full_pass, cpu=cpu_runs, gpu=gpu_runs)
             finally:
                 held.extend(placed)
         # `began` (epoch seconds) lets the benchmarks line a pass up with a run's events.
@@ -107,7 +113,8 @@ def _schedule(*, full: bool, cpu: bool, inline: int) -> None:
         while held:
             runner.run_dispatch(held.pop(0))
 
-    flags = [flag for flag, wanted in ((FULL_FLAG, full), (CPU_FLAG, cpu)) if wanted]
+    wants = ((FULL_FLAG, full), (CPU_FLAG, cpu), (GPU_FLAG, gpu))
+    flags = [flag for flag, wanted in wants if wanted]
     try:
         _one_at_a_time("scheduler", one_pass, flags=flags, after=start)
     finally:
@@ -116,12 +123,13 @@ def _schedule(*, full: bool, cpu: bool, inline: int) -> None:
 
 
 @shared_task(name=jobs.SCHEDULE, ignore_result=True)
-def schedule(full: bool = False, cpu: bool = True) -> None:
+def schedule(full: bool = False, cpu: bool = True, gpu: bool = True) -> None:
     """One scheduler pass at a time: kicks (a run created, or ended) ask for a quick pass, the
     timer for a full one; kicks during a pass become one more pass, so a burst costs a few.
-    What the asks wanted (full, CPU runs too) is kept in flags until the next pass reads them.
+    What the asks wanted (full; the CPU runs, the GPU runs) is kept in flags until the next
+    pass reads them.
     The runs a pass placed start from here, once the scheduler lock is released."""
-    _schedule(full=full, cpu=cpu, inline=INLINE_DISPATCHES)
+    _schedule(full=full, cpu=cpu, gpu=gpu, inline=INLINE_DISPATCHES)
 
 
 @shared_task(name=jobs.DISPATCH, ignore_result=True)
@@ -151,7 +159,7 @@ def poll_host(host_id: int) -> None:
         if runner.host_sync(host_id).get("freed"):
             # A run's end frees GPUs, never a host for CPU runs. What the pass places goes out
             # as tasks: this process is the host's poller (its lock is held), others are free.
-            _schedule(full=False, cpu=False, inline=POLL_INLINE_DISPATCHES)
+            _schedule(full=False, cpu=False, gpu=True, inline=POLL_INLINE_DISPATCHES)
 
     _one_at_a_time(f"poll:{host_id}", poll)
 

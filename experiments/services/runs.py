@@ -283,7 +283,7 @@ def run_create(
         run.save(force_insert=True)
         created_event(run, actor=actor).save()
         if kick and run.status == RunStatus.QUEUED:
-            jobs.kick_scheduler()
+            jobs.kick_scheduler(cpu=not run.gpus, gpu=bool(run.gpus))
     return run
 
 
@@ -309,7 +309,7 @@ def run_start(*, run: Run, actor: Actor) -> Run:
             fields=None if held else {"waiting_reason": waiting},
         )
         if moved and not held:
-            jobs.kick_scheduler()
+            jobs.kick_scheduler(cpu=not run.gpus, gpu=bool(run.gpus))
     run.refresh_from_db()
     if not moved:
         raise Conflict(f"run {run.id} is {run.status}; only a ready run can be started")

@@ -263,3 +263,27 @@ def test_a_pass_for_freed_gpus_leaves_cpu_runs_to_the_others(hosts, member):
     assert Run.objects.get(pk=cpu.pk).status == "queued"
     scheduler.schedule_pass(full=False)
     assert Run.objects.get(pk=cpu.pk).status == "launching"
+
+
+def test_a_pass_for_a_new_cpu_run_leaves_gpu_runs_to_the_others(
+    hosts, member, monkeypatch, django_capture_on_commit_callbacks
+):
+    """Queuing a CPU run frees nothing for GPU runs: its kick asks for the CPU runs' queue
+    only (gpu=False), and that pass reads no GPU run; a GPU run's kick asks the reverse."""
+    from experiments import jobs
+
+    asked = []
+    monkeypatch.setattr(jobs, "_send", lambda name, *a, **k: asked.append((name, k)))
+    actor = Actor(kind="user", user=member.user)
+    with django_capture_on_commit_callbacks(execute=True):
+        services.run_create(actor=actor, command="true", gpus=0, auto_start=True)
+        services.run_create(actor=actor, command="true", gpus=1, auto_start=True)
+    assert asked == [
+        (jobs.SCHEDULE, {"cpu": True, "gpu": False}),
+        (jobs.SCHEDULE, {"cpu": False, "gpu": True}),
+    ]
+    with CaptureQueriesContext(connection) as ctx:
+        scheduler.schedule_pass(full=False, gpu=False)
+    assert [q for q in ctx.captured_queries if '"gpus" > 0' in q["sql"]] == []
+    assert Run.objects.filter(gpus=0, status="launching").count() == 1
+    assert Run.objects.get(gpus=1).status == "queued"

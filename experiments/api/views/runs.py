@@ -65,10 +65,16 @@ class RunViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gene
             auto_start=v["auto_start"],
             **run_options(v),
         )
-        return Response(self._out(run), status=status.HTTP_201_CREATED)
+        return Response(self._created(run), status=status.HTTP_201_CREATED)
 
     def _out(self, run: Run) -> dict[str, Any]:
         return s.RunSerializer(self.get_queryset().get(pk=run.pk)).data
+
+    def _created(self, run: Run) -> dict[str, Any]:
+        """A run just created, as written (no second read: a new run leases nothing yet; a
+        worker may have placed it since, which the next GET shows)."""
+        run.active_leases = []  # type: ignore[attr-defined]
+        return s.RunSerializer(run).data
 
     @extend_schema(request=None, responses={200: s.RunSerializer, **CONFLICT})
     @action(detail=True, methods=["post"])
@@ -118,4 +124,4 @@ class RunViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gene
         """A new run with the same command and settings, linked to this one."""
         no_body(request)
         run = services.run_rerun(run=self.get_object(), actor=Actor.from_request(request))
-        return Response(self._out(run), status=status.HTTP_201_CREATED)
+        return Response(self._created(run), status=status.HTTP_201_CREATED)
