@@ -23,6 +23,11 @@ class Host(models.Model):
     # GPU policy overrides; null means the lab default (settings.LABSITE).
     gpu_free_max_mem_mb = models.PositiveIntegerField(null=True, blank=True)
     gpu_free_max_util_pct = models.PositiveIntegerField(null=True, blank=True)
+    # CPU capacity: the core count and memory its inventory read (null until read), and an
+    # admin's override of how many CPU slots runs may take (null: one per core).
+    cpu_count = models.PositiveIntegerField(null=True, blank=True)
+    memory_mb = models.PositiveIntegerField(null=True, blank=True)
+    cpu_slots = models.PositiveIntegerField(null=True, blank=True)
     state = models.CharField(max_length=16, choices=HostState.choices, default=HostState.UNKNOWN)
     state_note = models.CharField(max_length=500, blank=True)
     gpu_source = models.CharField(max_length=16, choices=GpuSource.choices, default=GpuSource.NONE)
@@ -38,6 +43,11 @@ class Host(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+    @property
+    def cpu_slots_effective(self) -> int | None:
+        """How many CPUs runs may take here: the override, else the cores read (None: unknown)."""
+        return self.cpu_slots if self.cpu_slots is not None else self.cpu_count
 
 
 class Gpu(models.Model):

@@ -154,7 +154,9 @@ def local_pid_runs(states: list[gpu_lib.GpuState]) -> dict[int, str]:
 
 
 def inventory_from_report(host: Host, report: Any) -> None:
-    """Store what a host's nvidia-smi said in its poll; no or broken nvidia-smi is a CPU host."""
+    """Store what a host's poll said of its machine: its CPUs and memory, and what nvidia-smi
+    said (no or broken nvidia-smi is a CPU host)."""
+    host_store_machine(host, cpus=report.cpus, memory_mb=report.memory_mb)
     if report.error:
         inventory_store(host=host, gpus=[], source=GpuSource.NONE, note=f"CPU host: {report.error}")
         return
@@ -171,6 +173,30 @@ def inventory_from_report(host: Host, report: Any) -> None:
     )
 
 
+def host_store_machine(host: Host, *, cpus: int | None, memory_mb: int | None) -> None:
+    """Record the host's core count and memory where they changed (one UPDATE then, else
+    none): what its CPU slots default to (Host.cpu_slots_effective)."""
+    cpus = cpus if cpus is not None else host.cpu_count
+    memory_mb = memory_mb if memory_mb is not None else host.memory_mb
+    if (cpus, memory_mb) == (host.cpu_count, host.memory_mb):
+        return
+    Host.objects.filter(pk=host.pk).update(cpu_count=cpus, memory_mb=memory_mb)
+    host.cpu_count, host.memory_mb = cpus, memory_mb
+
+
+def local_machine() -> tuple[int, int | None]:
+    """This machine's CPUs (those the server may run on) and memory in MB."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    try:
+        memory_mb = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2**20
+    except (ValueError, OSError):
+        return cpus, None
+    return cpus, int(memory_mb)
+
+
 def inventory_refresh_local() -> Host:
     """Read the server's own GPUs: NVML first, nvidia-smi as fallback, else a CPU host."""
     host = host_ensure_local()
@@ -183,6 +209,8 @@ def inventory_refresh_local() -> Host:
         except gpu_lib.InventoryError as smi_error:
             states, source = [], GpuSource.NONE
             note = f"CPU host: {nvml_error}; {smi_error}"
+    cpus, memory_mb = local_machine()
+    host_store_machine(host, cpus=cpus, memory_mb=memory_mb)
     inventory_store(
         host=host, gpus=states, source=source, note=note, pid_runs=local_pid_runs(states)
     )

@@ -15,7 +15,7 @@ from functools import cached_property
 from typing import Protocol
 
 from django.contrib.auth import get_user_model
-from django.db.models import Exists, OuterRef, Q, QuerySet
+from django.db.models import Exists, OuterRef, Q, QuerySet, Sum
 
 from clusters import localuser
 from clusters.choices import GpuSource, HostKind, HostState
@@ -41,9 +41,18 @@ class Ask(Protocol):
     @property
     def min_free_mem_mb(self) -> int | None: ...
     @property
+    def cpus(self) -> int: ...
+    @property
+    def memory_mb(self) -> int | None: ...
+    @property
     def host_id(self) -> int | None: ...
     @property
     def created_by_id(self) -> int | None: ...
+
+
+def needs_cpu(cpus: int, memory_mb: int | None) -> str:
+    """The first half of a waiting reason for CPUs: "needs 2 CPU(s) and 4000 MB"."""
+    return f"needs {cpus} CPU(s)" + (f" and {memory_mb} MB" if memory_mb else "")
 
 
 def needs(gpus: int, min_free_mem_mb: int | None) -> str:
@@ -81,6 +90,8 @@ class HostRef:
     id: int
     name: str
     has_gpus: bool = True  # it reports GPUs (gpu_source is not `none`)
+    cpu_slots: int | None = None  # CPUs its runs may take in all (None: not known yet)
+    memory_mb: int | None = None  # the memory its runs may ask in all (None: not known yet)
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,10 +190,81 @@ class Capacity:
     def hosts(self) -> dict[int, HostRef]:
         """Every host that may get work, as plain rows; read only when a CPU run or a waiting
         reason needs it."""
+        rows = enabled_hosts().values_list(
+            "id", "name", "gpu_source", "cpu_slots", "cpu_count", "memory_mb"
+        )
         return {
-            host_id: HostRef(host_id, name, source != GpuSource.NONE)
-            for host_id, name, source in enabled_hosts().values_list("id", "name", "gpu_source")
+            host_id: HostRef(
+                host_id,
+                name,
+                source != GpuSource.NONE,
+                cpu_slots=slots if slots is not None else count,
+                memory_mb=memory,
+            )
+            for host_id, name, source, slots, count, memory in rows
         }
+
+    @cached_property
+    def cpu_room(self) -> dict[int, tuple[int | None, int | None]]:
+        """Host id -> (CPU slots free, memory MB free): the host's less what its active runs
+        take (GPU runs too), None where the host's size is not known yet. One query."""
+        used = dict.fromkeys(self.hosts, (0, 0))
+        rows = (
+            Run.objects.filter(status__in=list(ACTIVE), host_id__in=list(self.hosts))
+            .order_by()
+            .values("host_id")
+            .annotate(cpus=Sum("cpus"), memory=Sum("memory_mb"))
+            .values_list("host_id", "cpus", "memory")
+        )
+        for host_id, cpus, memory in rows:
+            used[host_id] = (cpus or 0, memory or 0)
+        room: dict[int, tuple[int | None, int | None]] = {}
+        for host_id, host in self.hosts.items():
+            cpus, memory = used[host_id]
+            room[host_id] = (
+                None if host.cpu_slots is None else host.cpu_slots - cpus,
+                None if host.memory_mb is None else host.memory_mb - memory,
+            )
+        return room
+
+    def fits_cpu(self, host_id: int, run: Ask) -> bool:
+        """Whether the host has the CPU slots (and memory) the run asks, now."""
+        cpus, memory = self.cpu_room.get(host_id, (None, None))
+        return (cpus is None or cpus >= run.cpus) and (
+            memory is None or not run.memory_mb or memory >= run.memory_mb
+        )
+
+    def take_cpu(self, host_id: int, run: Ask) -> None:
+        """The run's CPUs (and memory) are taken on this host."""
+        cpus, memory = self.cpu_room.get(host_id, (None, None))
+        self.cpu_room[host_id] = (
+            None if cpus is None else cpus - run.cpus,
+            None if memory is None else memory - (run.memory_mb or 0),
+        )
+
+    def cpu_full(self) -> bool:
+        """No host has a CPU slot left (a quick pass then stops walking the CPU runs)."""
+        return bool(self.cpu_room) and all(
+            cpus is not None and cpus <= 0 for cpus, _ in self.cpu_room.values()
+        )
+
+    def describe_cpu(self, run: Ask, hosts: list[HostRef]) -> str:
+        """Why a run does not fit now for want of CPUs or memory: "needs 2 CPU(s); 0 of 2 CPU
+        slots free on local, 1 of 8 on node-a"."""
+        parts = []
+        for h in hosts:
+            cpus, memory = self.cpu_room.get(h.id, (None, None))
+            part = f"{max(cpus or 0, 0)} of {h.cpu_slots} CPU slots free on {h.name}"
+            if run.memory_mb and memory is not None:
+                part += f" ({max(memory, 0)} MB free)"
+            parts.append(part)
+        return f"{needs_cpu(run.cpus, run.memory_mb)}; {', '.join(parts)}"
+
+    def cpu_hosts(self, user_id: int | None) -> list[HostRef]:
+        """The hosts a CPU run without a host may go to, in the order tried: the local host
+        first, then by name."""
+        usable = [h for h in self.hosts.values() if self.may_use(h, user_id)]
+        return sorted(usable, key=lambda h: (h.name != LOCAL_HOST_NAME, h.name))
 
     def free_total(self) -> int:
         """How many GPUs are free in the whole lab, as the pass sees it now."""
@@ -200,6 +282,7 @@ class Capacity:
         hosts = [self.hosts[run.host_id]] if run.host_id in self.hosts else self.gpu_hosts()
         counts = ", ".join(
             f"{sum(g.memory_free_mb >= need_mb for g in self.free.get(h.id, []))} free on {h.name}"
+            + ("" if self.fits_cpu(h.id, run) else f" ({self.describe_cpu(run, [h])})")
             if self.may_use(h, run.created_by_id)
             else f"{h.name} takes admins' runs only"
             for h in hosts
@@ -210,14 +293,6 @@ class Capacity:
         """The enabled hosts that report GPUs, by name."""
         return sorted((h for h in self.hosts.values() if h.has_gpus), key=lambda h: h.name)
 
-    def default_host(self, user_id: int | None) -> HostRef | None:
-        """Where a CPU run without a host goes: the local host first, where its owner may."""
-        usable = sorted(
-            (h for h in self.hosts.values() if self.may_use(h, user_id)), key=lambda h: h.name
-        )
-        local = next((h for h in usable if h.name == LOCAL_HOST_NAME), None)
-        return local or next(iter(usable), None)
-
     def pick(self, run: Ask, need_mb: int) -> tuple[HostRef, list[FreeGpu]] | None:
         """GPUs of one host for the run: the host that fits it most tightly (keeps big holes)."""
         best: tuple[int, str, HostRef, list[FreeGpu]] | None = None
@@ -225,7 +300,7 @@ class Capacity:
             if not gpus or (run.host_id and host_id != run.host_id):
                 continue
             host = gpus[0].host
-            if not self.may_use(host, run.created_by_id):
+            if not self.may_use(host, run.created_by_id) or not self.fits_cpu(host_id, run):
                 continue
             fitting = [g for g in gpus if g.memory_free_mb >= need_mb]
             if len(fitting) >= run.gpus and (best is None or (len(fitting), host.name) < best[:2]):
@@ -233,8 +308,33 @@ class Capacity:
         return (best[2], best[3]) if best else None
 
 
+def _too_small(
+    sizes: dict[str, tuple[int | None, int | None]],
+    cpus: int,
+    memory_mb: int | None,
+    host: Host | None,
+) -> str | None:
+    """Why no host of these (name -> CPU slots, memory MB; None: not known yet) could ever
+    take a CPU run of this size, or None if one could."""
+    for slots, memory in sizes.values():
+        if (slots is None or slots >= cpus) and (memory is None or (memory_mb or 0) <= memory):
+            return None
+    where = host.name if host is not None else "the largest host"
+    most_cpus = max((s for s, _ in sizes.values() if s is not None), default=0)
+    if all(s is not None and s < cpus for s, _ in sizes.values()):
+        return f"{needs_cpu(cpus, memory_mb)}; {where} has {most_cpus} CPU slot(s)"
+    most_mb = max((m for _, m in sizes.values() if m is not None), default=0)
+    return f"{needs_cpu(cpus, memory_mb)}; {where} has {most_mb} MB"
+
+
 def never_fits(
-    *, gpus: int, min_free_mem_mb: int | None, host: Host | None, may_use_local: bool
+    *,
+    gpus: int,
+    min_free_mem_mb: int | None,
+    host: Host | None,
+    may_use_local: bool,
+    cpus: int = 1,
+    memory_mb: int | None = None,
 ) -> str | None:
     """Why no enabled host could ever take a run that asks this, or None if one could in time.
 
@@ -247,12 +347,19 @@ def never_fits(
     if host is not None:
         hosts = hosts.filter(pk=host.pk)
     if not gpus:
-        names = list(hosts.values_list("name", flat=True))
-        if not names:
+        machines = {
+            name: (slots if slots is not None else count, memory)
+            for name, slots, count, memory in hosts.values_list(
+                "name", "cpu_slots", "cpu_count", "memory_mb"
+            )
+        }
+        if not machines:
             return HOST_GONE if host is not None else NO_HOST
-        if not may_use_local and names == [LOCAL_HOST_NAME]:
+        if not may_use_local and list(machines) == [LOCAL_HOST_NAME]:
             return localuser.admins_only_reason()
-        return None
+        if not may_use_local:
+            machines.pop(LOCAL_HOST_NAME, None)
+        return _too_small(machines, cpus, memory_mb, host)
     want = need_mb(min_free_mem_mb)
     sizes: dict[str, int] = defaultdict(int)  # host name -> its GPUs large enough for the run
     for name, total in Gpu.objects.filter(host__in=hosts, present=True).values_list(

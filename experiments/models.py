@@ -131,6 +131,9 @@ class Run(models.Model):
     priority = models.IntegerField(default=0)
     gpus = models.PositiveIntegerField(default=0)
     min_free_mem_mb = models.PositiveIntegerField(null=True, blank=True)
+    # What the run takes of its host's CPU slots and memory, GPU runs too (experiments.capacity).
+    cpus = models.PositiveIntegerField(default=1)
+    memory_mb = models.PositiveIntegerField(null=True, blank=True)
     gpuwrap_config = models.JSONField(default=dict, blank=True)
     host = models.ForeignKey(
         "clusters.Host", on_delete=models.PROTECT, null=True, blank=True, related_name="runs"

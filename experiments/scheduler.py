@@ -50,6 +50,8 @@ class QueuedRun:
     priority: int
     gpus: int
     min_free_mem_mb: int | None
+    cpus: int
+    memory_mb: int | None
     host_id: int | None
     created_by_id: int
     queued_at: datetime | None
@@ -242,7 +244,9 @@ class _Pass:
     cap: int = 0
     backfill_seconds: float = 0.0
     reasons: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
-    unplaceable: dict[tuple[int, int, int | None, bool], str] = field(default_factory=dict)
+    unplaceable: dict[tuple[int, int, int | None, bool, int, int | None], str] = field(
+        default_factory=dict
+    )
     holding: str | None = None  # a big run past the backfill bound: runs behind it wait
     placed: int = 0
     expired: int = 0
@@ -274,22 +278,37 @@ class _Pass:
         return self.holding is not None or self.capacity.free_total() == 0
 
     def consider_cpu(self, run: QueuedRun) -> None:
+        """A CPU run goes to its own host, or the first (local first, then by name) with the
+        CPU slots and memory it asks; else it waits, saying what each host has free."""
         if over := self.over_budget(run):
             self.wait(run, over)
             return
-        hosts = self.capacity.hosts
-        host = (
-            hosts.get(run.host_id) if run.host_id else self.capacity.default_host(run.created_by_id)
-        )
+        capacity = self.capacity
+        if run.host_id:
+            host = capacity.hosts.get(run.host_id)
+            if host is None:
+                self.wait(run, HOST_GONE)
+            elif not capacity.may_use(host, run.created_by_id):
+                self.wait(run, capacity.admins_only())
+            elif not capacity.fits_cpu(host.id, run):
+                self.wait(run, capacity.describe_cpu(run, [host]))
+            else:
+                self.place_cpu(run, host)
+            return
+        usable = capacity.cpu_hosts(run.created_by_id)
+        if not usable:
+            self.wait(run, capacity.admins_only() if capacity.local_admins is not None else NO_HOST)
+            return
+        host = next((h for h in usable if capacity.fits_cpu(h.id, run)), None)
         if host is None:
-            why = HOST_GONE if run.host_id else NO_HOST
-            if not run.host_id and self.capacity.local_admins is not None:
-                why = self.capacity.admins_only()
-            self.wait(run, why)
-        elif not self.capacity.may_use(host, run.created_by_id):
-            self.wait(run, self.capacity.admins_only())
-        elif _place(run, host, []) is Placement.PLACED:
+            self.wait(run, capacity.describe_cpu(run, usable))
+        else:
+            self.place_cpu(run, host)
+
+    def place_cpu(self, run: QueuedRun, host: HostRef) -> None:
+        if _place(run, host, []) is Placement.PLACED:
             self.placed += 1
+            self.capacity.take_cpu(host.id, run)
 
     def consider_gpu(self, run: QueuedRun) -> None:
         if over := self.over_budget(run):
@@ -310,7 +329,14 @@ class _Pass:
             return
         mb = need_mb(run.min_free_mem_mb)
         # Runs that ask the same thing get the same answer until capacity changes: memoize.
-        shape = (run.gpus, mb, run.host_id, self.capacity.may_use_local(run.created_by_id))
+        shape = (
+            run.gpus,
+            mb,
+            run.host_id,
+            self.capacity.may_use_local(run.created_by_id),
+            run.cpus,
+            run.memory_mb,
+        )
         choice = None
         if shape not in self.unplaceable:
             choice = self.capacity.pick(run, mb)
@@ -328,6 +354,7 @@ class _Pass:
             self.placed += 1
             self.unplaceable.clear()
             self.capacity.take(host, gpus, run.created_by_id)
+            self.capacity.take_cpu(host.id, run)
         elif placement is Placement.TAKEN:
             # Another pass got there first: those GPUs are not free, try the run elsewhere.
             self.capacity.take(host, gpus, user_id=None)
@@ -380,6 +407,8 @@ def schedule_pass(*, full: bool = True, cpu: bool = True, gpu: bool = True) -> d
     pass_.released = len(released)
     if cpu or full:
         for run in _head_first(_queue(gpu=False)):
+            if not full and pass_.capacity.cpu_full():
+                break  # the rest wait as they are; the timer's full pass words their reasons
             pass_.consider_cpu(run)
     gpu_queue = _queue(gpu=True)
     if full:

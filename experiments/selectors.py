@@ -7,13 +7,13 @@ from collections import Counter
 from typing import Any
 
 from django.conf import settings
-from django.db.models import Count, Prefetch, Q, QuerySet
+from django.db.models import Count, Prefetch, Q, QuerySet, Sum
 from django.db.models.functions import Length, Substr
 
 from clusters.choices import HostKind
 from clusters.models import Gpu, Host
 from clusters.services import gpu_policy_for
-from experiments.choices import RunStatus
+from experiments.choices import ACTIVE, RunStatus
 from experiments.models import Alert, GpuLease, Run, RunEvent, Sweep
 from experiments.rundir import log_path
 from labsite.validation import lab_limit
@@ -87,6 +87,14 @@ def cluster_state() -> dict[str, Any]:
         GpuLease.objects.filter(released_at__isnull=True).values_list("gpu_id", "run_id")
     )
     lease_by_gpu = dict(leased_ids)
+    cpus_used = dict(
+        Run.objects.filter(status__in=list(ACTIVE), host__enabled=True)
+        .order_by()
+        .values("host_id")
+        .annotate(n=Sum("cpus"))
+        .values_list("host_id", "n")
+    )
+    cpu_slots = cpu_free = 0
     totals: Counter[str] = Counter()
     host_rows = []
     slurm_gpus = 0
@@ -112,6 +120,10 @@ def cluster_state() -> dict[str, Any]:
             )
         if host.kind == HostKind.SLURM:
             slurm_gpus += sum(p.get("gpus", 0) for p in host.facts.get("partitions", []))
+        slots, used = host.cpu_slots_effective, cpus_used.get(host.id, 0)
+        if slots is not None and host.kind != HostKind.SLURM:
+            cpu_slots += slots
+            cpu_free += max(0, slots - used)
         host_rows.append(
             {
                 "name": host.name,
@@ -128,6 +140,10 @@ def cluster_state() -> dict[str, Any]:
                 ),
                 "gpu_count": len(gpu_rows),
                 "gpus": gpu_rows,
+                "cpu_count": host.cpu_count,
+                "cpu_slots": slots,
+                "cpus_used": used,
+                "memory_mb": host.memory_mb,
                 **({"slurm": host.facts} if host.kind == HostKind.SLURM else {}),
             }
         )
@@ -151,23 +167,30 @@ def cluster_state() -> dict[str, Any]:
         },
         "hosts": host_rows,
         "runs": counts,
+        "cpus": {"slots": cpu_slots, "free": cpu_free},
         "capacity": capacity(
-            counts=counts, gpu_total=direct_gpus + slurm_gpus, gpu_free=totals[GPU_FREE]
+            counts=counts,
+            gpu_total=direct_gpus + slurm_gpus,
+            gpu_free=totals[GPU_FREE],
+            cpu_slots=cpu_slots,
         ),
     }
 
 
-def capacity(*, counts: dict[str, int], gpu_total: int, gpu_free: int) -> dict[str, Any]:
+def capacity(
+    *, counts: dict[str, int], gpu_total: int, gpu_free: int, cpu_slots: int
+) -> dict[str, Any]:
     """max_new_runs = max(0, min(q, g - r)).
 
     q: room left in the queue (the lab's MAX_QUEUED_RUNS minus what is queued);
-    g: run slots (GPUs, or the lab's CPU_RUN_SLOTS where there is no GPU);
+    g: run slots (GPUs, or where there is no GPU the CPU slots of the enabled hosts, the
+       figures the scheduler places CPU runs against);
     r: runs already holding or waiting for a slot (launching, running, queued).
     """
     lab = settings.LABSITE
     queued = counts.get(RunStatus.QUEUED, 0)
     active = counts.get(RunStatus.RUNNING, 0) + counts.get(RunStatus.LAUNCHING, 0)
-    slots = gpu_total if gpu_total else lab["CPU_RUN_SLOTS"]
+    slots = gpu_total if gpu_total else cpu_slots
     q = lab["MAX_QUEUED_RUNS"] - queued
     return {
         "gpu_total": gpu_total,

@@ -42,6 +42,9 @@ class HostSerializer(serializers.ModelSerializer[Host]):
             "gpu_count",
             "gpu_free_max_mem_mb",
             "gpu_free_max_util_pct",
+            "cpu_count",
+            "cpu_slots",
+            "memory_mb",
             "has_identity",
             "members_refused",
             "created_at",
@@ -104,6 +107,7 @@ class HostWriteSerializer(ModelInputSerializer):
             "host_key_fingerprint",
             "gpu_free_max_mem_mb",
             "gpu_free_max_util_pct",
+            "cpu_slots",
         ]
         # Explicit ranges: on SQLite the model's columns carry none, and PostgreSQL's stop at
         # 2**31 - 1 with an error rather than a message.
@@ -112,6 +116,8 @@ class HostWriteSerializer(ModelInputSerializer):
             "port": {"min_value": 1, "max_value": 65535},
             "gpu_free_max_mem_mb": {"min_value": 0, "max_value": INT32_MAX},
             "gpu_free_max_util_pct": {"min_value": 0, "max_value": 100},
+            # How many CPUs runs may take in all here (null: one per core the host has).
+            "cpu_slots": {"min_value": 0, "max_value": 1_000_000},
         }
 
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:

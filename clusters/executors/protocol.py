@@ -81,6 +81,10 @@ class GpuReport:
     query_apps: str = ""
     error: str = ""  # why there is no usable answer (not installed, exited non-zero, timed out)
     pid_runs: dict[int, str] = field(default_factory=dict)
+    # The rest of the host's inventory: the CPUs the host's user may run on, and its memory
+    # (None where the host did not say: an older poll.py).
+    cpus: int | None = None
+    memory_mb: int | None = None
 
 
 @dataclass
@@ -338,4 +342,16 @@ def parse_gpu(answer: str | Mapping[str, Any]) -> GpuReport | None:
         query_apps=_get(data, "query_apps", (str,), where),
         error=_get(data, "error", (str,), where),
         pid_runs={int(pid): run for pid, run in pid_runs.items()},
+        cpus=_count(data, "cpus", where),
+        memory_mb=_count(data, "memory_mb", where),
     )
+
+
+def _count(data: Mapping[str, Any], key: str, where: str) -> int | None:
+    """A non-negative integer the answer may leave out (or give as 0: not known)."""
+    value = data.get(key)
+    if value is None or value == 0:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ProtocolError(f"{where}: {key} is {_excerpt(json.dumps(value))}")
+    return value

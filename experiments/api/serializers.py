@@ -46,6 +46,8 @@ class RunSerializer(serializers.ModelSerializer):
             "priority",
             "gpus",
             "min_free_mem_mb",
+            "cpus",
+            "memory_mb",
             "gpuwrap_config",
             "host",
             "leased_gpus",
@@ -134,6 +136,10 @@ class RunCreateSerializer(InputSerializer):
     min_free_mem_mb = serializers.IntegerField(
         required=False, allow_null=True, min_value=0, max_value=INT32_MAX
     )
+    cpus = serializers.IntegerField(required=False, default=1, min_value=1, max_value=4096)
+    memory_mb = serializers.IntegerField(
+        required=False, allow_null=True, min_value=1, max_value=INT32_MAX
+    )
     host = serializers.CharField(required=False, allow_null=True, allow_blank=True)
     priority = serializers.IntegerField(required=False, default=0, min_value=-1000, max_value=1000)
 
@@ -215,6 +221,10 @@ class RunOptionsMixin(InputSerializer):
     gpus = serializers.IntegerField(required=False, allow_null=True, min_value=0, max_value=64)
     min_free_mem_mb = serializers.IntegerField(
         required=False, allow_null=True, min_value=0, max_value=INT32_MAX
+    )
+    cpus = serializers.IntegerField(required=False, default=1, min_value=1, max_value=4096)
+    memory_mb = serializers.IntegerField(
+        required=False, allow_null=True, min_value=1, max_value=INT32_MAX
     )
     host = serializers.CharField(required=False, allow_null=True, allow_blank=True)
     workdir = serializers.CharField(required=False, allow_blank=True, max_length=1000)

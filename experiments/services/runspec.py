@@ -88,13 +88,24 @@ def settle_start(runs: list[Run], *, plan: Plan | None) -> None:
 
 
 def waiting_reason_for(
-    *, gpus: int, min_free_mem_mb: int | None, host: Host | None, owner: Any
+    *,
+    gpus: int,
+    min_free_mem_mb: int | None,
+    host: Host | None,
+    owner: Any,
+    cpus: int = 1,
+    memory_mb: int | None = None,
 ) -> str:
     """The reason a run has the moment it is queued: why no enabled host could ever take it,
     if so (one query, per request, not per run), else that it waits for the next pass."""
     may_use_local = roles.is_admin(owner) or localuser.members_may_run_locally()
     never = never_fits(
-        gpus=gpus, min_free_mem_mb=min_free_mem_mb, host=host, may_use_local=may_use_local
+        gpus=gpus,
+        min_free_mem_mb=min_free_mem_mb,
+        cpus=cpus,
+        memory_mb=memory_mb,
+        host=host,
+        may_use_local=may_use_local,
     )
     return (never or PENDING_PASS)[:500]
 
@@ -211,6 +222,8 @@ def run_spec(
     gpuwrap_config: Mapping[str, Any] | None,
     host: Host | None,
     priority: int,
+    cpus: int = 1,
+    memory_mb: int | None = None,
     chat_session_id: str,
     auto_start: bool,
     parent: Run | None,
@@ -221,6 +234,8 @@ def run_spec(
         gpus = 1 if wrap.get("enabled") else 0
     check_int("gpus", gpus, minimum=0, maximum=MAX_GPUS_PER_RUN)
     check_int("min_free_mem_mb", min_free_mem_mb, minimum=0)
+    check_int("cpus", cpus, minimum=1, maximum=4096)
+    check_int("memory_mb", memory_mb, minimum=1)
     check_int("priority", priority, minimum=-INT32_MAX)
     if host is not None and not host.enabled:
         raise ValidationError({"host": f"host {host.name} is disabled"})
@@ -242,7 +257,14 @@ def run_spec(
         start_status(linked_plan.status if linked_plan else None) if auto_start else RunStatus.READY
     )
     waiting = (
-        waiting_reason_for(gpus=gpus, min_free_mem_mb=min_free_mem_mb, host=host, owner=actor.user)
+        waiting_reason_for(
+            gpus=gpus,
+            min_free_mem_mb=min_free_mem_mb,
+            cpus=cpus,
+            memory_mb=memory_mb,
+            host=host,
+            owner=actor.user,
+        )
         if auto_start
         else ""
     )
@@ -257,6 +279,8 @@ def run_spec(
         "priority": priority,
         "gpus": gpus,
         "min_free_mem_mb": min_free_mem_mb,
+        "cpus": cpus,
+        "memory_mb": memory_mb,
         "gpuwrap_config": wrap,
         "host": host,
         "host_pinned": host is not None,

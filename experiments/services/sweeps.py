@@ -181,6 +181,8 @@ def sweep_create_grid(
         env=options.pop("env", None),
         gpus=options.pop("gpus", None),
         min_free_mem_mb=options.pop("min_free_mem_mb", None),
+        cpus=options.pop("cpus", 1),
+        memory_mb=options.pop("memory_mb", None),
         gpuwrap_config=options.pop("gpuwrap_config", None),
         host=options.pop("host", None),
         priority=options.pop("priority", 0),

@@ -58,6 +58,9 @@ def main() -> None:
                 port=h.port,
                 username=h.username,
                 identity_file=str(h.key_path),
+                # Every namespace host shares this machine's cores: let each take 4 one-CPU
+                # GPU runs, as a real 4-GPU machine would (its cores would be its own).
+                cpu_slots=8,
             )
             assert host_probe(host.pk)[1] == "online"
         # Only the two GPU hosts: the server itself is no host here (it would be polled too).

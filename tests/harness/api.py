@@ -22,6 +22,9 @@ def register(admin: Any, host: Any, **extra: Any) -> dict:
         "port": host.port,
         "username": host.username,
         "identity_file": str(host.key_path),
+        # Every namespace host shares this machine's few cores (its inventory reads them):
+        # an admin's override, so that a test's 4 fake GPUs per host can all be busy at once.
+        "cpu_slots": 16,
         **extra,
     }
     response = admin.client.post("/api/hosts", body, format="json")

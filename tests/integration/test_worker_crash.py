@@ -10,6 +10,7 @@ import threading
 import time
 from pathlib import Path
 
+from clusters.models import Host
 from clusters.services import host_ensure_local
 from experiments.models import Run
 from labsite.management.commands.serve import Child
@@ -36,6 +37,9 @@ def test_a_worker_killed_during_a_burst_loses_nothing_and_stalls_nothing(celery_
     every submission is accepted, and once the worker is back every run finishes within 15 s
     (with a fixed two-minute TTL, the dead worker's locks held everything up that long)."""
     local = host_ensure_local()
+    # `sleep` takes no CPU: an admin's override lets the burst run as it did before hosts had
+    # CPU slots (this is about locks, not capacity; test_cpu_capacity is about that).
+    Host.objects.filter(pk=local.pk).update(cpu_slots=100)
     locks = [f"labsite:poll:{local.id}", "labsite:scheduler"]
     redis = redis_test_client()
 

@@ -27,6 +27,22 @@ def lab(fresh_lab, celery_worker, admin):
     return lab
 
 
+def test_a_hosts_cores_and_memory_are_read_by_its_poll_over_ssh(lab, member):
+    """The CPU slots a host offers default to the cores its poll reads (over sshd, as the
+    host's user): here the machine's own, which the namespace hosts share."""
+    import os
+
+    name = lab[0].name
+    row = wait_for(
+        lambda: (h := member.client.get(f"/api/hosts/{name}").json())["cpu_count"] and h,
+        30,
+        what="the host's core count",
+    )
+    assert row["cpu_count"] == len(os.sched_getaffinity(0))
+    assert row["memory_mb"] and row["memory_mb"] > 100
+    assert row["cpu_slots"] == 16, "the admin's override, set at registration, is kept"
+
+
 def test_registration_pins_the_key_and_probe_reports_online(lab, admin, member):
     host = Host.objects.get(name=lab[0].name)
     assert host.state == "online" and host.host_key_fingerprint == lab[0].host_key_fingerprint

@@ -490,7 +490,9 @@ def test_cluster_board_shows_gpus_and_cpu_hosts(client, member):
     free = GpuFactory(host=gpu_host, index=0)
     leased = GpuFactory(host=gpu_host, index=1, memory_used_mb=40960, utilization_pct=97)
     GpuFactory(host=gpu_host, index=2, processes=[{"pid": 42, "used_memory_mb": 900}])
-    HostFactory(name="cpu-box", state="online", state_note="CPU host: 32 cores, no GPU")
+    HostFactory(
+        name="cpu-box", state="online", state_note="CPU host: 32 cores, no GPU", cpu_count=32
+    )
     run = make_run(member, auto_start=True)
     GpuLease.objects.create(gpu=leased, run=run)
     page(client, member)
@@ -503,6 +505,8 @@ def test_cluster_board_shows_gpus_and_cpu_hosts(client, member):
     assert "gpu-free" in body and "gpu-leased" in body and "gpu-busy_foreign" in body
     assert reverse("run_detail", args=[run.id]) in body
     assert "40.0 / 80 GiB" in body and "97% util" in body
+    assert "0 of 32 CPU slots in use" in body, "each host's CPU slots, as the scheduler counts"
+    assert "CPU slots not read yet" in body  # gpu-node-1: no inventory of its cores yet
 
     partial = client.get(reverse("cluster_board"), **HTMX).content.decode()
     assert "<html" not in partial and "gpu-node-1" in partial

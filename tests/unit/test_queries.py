@@ -22,7 +22,7 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
-from clusters.services import host_ensure_local
+from clusters.services import host_ensure_local, local_machine
 from experiments import runner, services
 from experiments.actors import Actor
 from experiments.models import Metric, Plan, Run, RunEvent, Sweep
@@ -152,7 +152,9 @@ def local_host(db, settings, tmp_path):
     with run_user_dir() as root:
         host = host_ensure_local()
         host.enabled, host.run_root = True, str(root)
-        host.save(update_fields=["enabled", "run_root"])
+        # As its first inventory leaves it: core count and memory known (stored once).
+        host.cpu_count, host.memory_mb = local_machine()
+        host.save(update_fields=["enabled", "run_root", "cpu_count", "memory_mb"])
         yield host
 
 

@@ -110,13 +110,33 @@ def run_of(pid: str) -> "str | None":
     return None
 
 
+def machine() -> "dict[str, Any]":
+    """The CPUs this user may run on (its affinity, which a cgroup or taskset narrows) and
+    the memory the machine has: what CPU runs are placed against."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 0
+    memory_mb = 0
+    text = read("/proc/meminfo") or ""
+    for line in text.splitlines():
+        if line.startswith("MemTotal:"):
+            fields = line.split()
+            if len(fields) >= 2 and fields[1].isdigit():
+                memory_mb = int(fields[1]) // 1024
+            break
+    return {"cpus": cpus, "memory_mb": memory_mb}
+
+
 def gpu_report(q_gpu: "list[str]", q_apps: "list[str]") -> "dict[str, Any]":
-    """nvidia-smi's raw answers (parsed on the server), or why there are none."""
+    """nvidia-smi's raw answers (parsed on the server), or why there are none; and the
+    machine's CPUs and memory (the rest of the host's inventory)."""
     # Imported here: a poll without GPUs, the common one, saves their ~10 ms of imports.
     import shutil
     import subprocess
 
     gpu: dict[str, Any] = {"query_gpu": "", "query_apps": "", "error": "", "pid_runs": {}}
+    gpu.update(machine())
     exe = shutil.which("nvidia-smi")
     if exe is None:
         gpu["error"] = "nvidia-smi not found"

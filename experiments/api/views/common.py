@@ -45,7 +45,8 @@ def body_host(name: Any) -> Host | None:
 def run_options(data: dict[str, Any]) -> dict[str, Any]:
     """Options shared by a single run and a grid sweep's runs."""
     options: dict[str, Any] = {}
-    for key in ("gpuwrap_config", "gpus", "min_free_mem_mb", "workdir", "env", "priority"):
+    keys = ("gpuwrap_config", "gpus", "min_free_mem_mb", "cpus", "memory_mb", "workdir", "env")
+    for key in (*keys, "priority"):
         if key in data:
             options[key] = data[key]
     options["host"] = body_host(data.get("host"))
