@@ -31,8 +31,10 @@ export DATABASE_URL="${base%/labsite}/$db_name"
 export LABSITE_LOCAL_TRUST_MEMBERS="${LABSITE_LOCAL_TRUST_MEMBERS:-true}"
 export LABSITE_DATA_DIR="${BENCH_DATA_DIR:-$ROOT/.test-data/bench}"
 mkdir -p "$LABSITE_DATA_DIR"
+# research-agent (the peer of bench_reads) keeps its runs in tmux windows.
+apt_install tmux
 # BENCH="sched burst" make bench runs only those.
-for name in ${BENCH:-api runs sched burst}; do
+for name in ${BENCH:-api reads runs sched burst}; do
   [ -f "tests/bench/bench_$name.py" ] || die "no benchmark named $name"
   fresh_db
   "$PY" "tests/bench/bench_$name.py"
