@@ -9,6 +9,7 @@ from typing import Any
 from django.core.exceptions import RequestDataTooBig
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db import DataError, IntegrityError
+from django.db.models import QuerySet
 from django.http import Http404, JsonResponse
 from rest_framework import exceptions, pagination, routers, serializers, status
 from rest_framework.request import Request
@@ -97,6 +98,15 @@ class Pagination(pagination.LimitOffsetPagination):
 
     def get_offset(self, request: Request) -> int:
         return query_int(request, self.offset_query_param, default=0, minimum=0)
+
+    def page_of(self, queryset: QuerySet[Any], request: Request) -> QuerySet[Any]:
+        """The page's slice of `queryset`, not yet read (for views that read it as rows);
+        get_paginated_response then answers as paginate_queryset would have."""
+        self.request = request
+        self.limit = self.get_limit(request)
+        self.offset = self.get_offset(request)
+        self.count = self.get_count(queryset)
+        return queryset[self.offset : self.offset + self.limit]
 
     def get_schema_operation_parameters(self, view: Any) -> list[dict[str, Any]]:
         """The bounds get_limit and get_offset enforce, so the schema says what is a 400."""

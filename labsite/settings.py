@@ -164,7 +164,7 @@ REST_FRAMEWORK = {
         "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
-    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
+    "DEFAULT_RENDERER_CLASSES": ["labsite.renderers.FastJSONRenderer"],
     "DEFAULT_PARSER_CLASSES": ["labsite.parsers.JSONParser"],
     "DEFAULT_FILTER_BACKENDS": ["django_filters.rest_framework.DjangoFilterBackend"],
     "DEFAULT_PAGINATION_CLASS": "labsite.api.Pagination",
@@ -224,6 +224,8 @@ LABSITE: dict[str, Any] = {
     "MAX_GPUS_PER_USER": env_int("LABSITE_MAX_GPUS_PER_USER", 0, minimum=0),
     "REQUIRE_PLAN_FOR_GPU_WORK": env_bool("LABSITE_REQUIRE_PLAN_FOR_GPU_WORK", False),
     "MAX_QUEUED_RUNS": env_int("LABSITE_MAX_QUEUED_RUNS", 64, minimum=0),
+    # How old (seconds) a web process's answer to /api/wild/v2/system-health may be; 0: none.
+    "HEALTH_CACHE_SECONDS": env_float("LABSITE_HEALTH_CACHE_SECONDS", 1.0, minimum=0),
     "LOCAL_HOST_ENABLED": env_bool("LABSITE_LOCAL_HOST_ENABLED", True),
     "STOP_GRACE_SECONDS": env_float("LABSITE_STOP_GRACE_SECONDS", 10.0, minimum=0),
     "INVENTORY_INTERVAL_SECONDS": env_float("LABSITE_INVENTORY_INTERVAL_SECONDS", 30.0, minimum=1),

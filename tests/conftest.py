@@ -54,6 +54,13 @@ def _local_members_trusted(settings: Any) -> None:
     settings.LABSITE = {**settings.LABSITE, "LOCAL_TRUST_MEMBERS": True}
 
 
+@pytest.fixture(autouse=True)
+def _health_read_fresh(settings: Any) -> None:
+    """A test that changes runs and then reads system-health must see the change: the web
+    process's one-second reuse of that answer is off (tests/unit/test_api_rows.py checks it)."""
+    settings.LABSITE = {**settings.LABSITE, "HEALTH_CACHE_SECONDS": 0}
+
+
 @pytest.fixture
 def celery_worker(transactional_db: None, tmp_path: Any) -> Any:
     """A real `celery worker -B` process on the test database and the test Redis db."""

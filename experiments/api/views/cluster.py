@@ -50,7 +50,7 @@ class SystemHealthView(APIView):
 
     @extend_schema(responses=OpenApiTypes.OBJECT)
     def get(self, request: Request) -> Response:
-        return Response(selectors.system_health())
+        return Response(selectors.system_health_recent())
 
 
 class HealthView(APIView):

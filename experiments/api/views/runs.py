@@ -15,6 +15,7 @@ from rest_framework.response import Response
 
 from experiments import selectors, services
 from experiments.actors import Actor
+from experiments.api import rows
 from experiments.api import serializers as s
 from experiments.api.filters import RunFilter
 from experiments.api.views.common import (
@@ -24,7 +25,7 @@ from experiments.api.views.common import (
     run_options,
 )
 from experiments.models import Plan, Run, Sweep
-from labsite.api import key_or_404, no_body, query_int
+from labsite.api import Pagination, key_or_404, no_body, query_int
 from labsite.validation import INT64_MAX
 
 
@@ -40,6 +41,22 @@ class RunViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gene
 
     def get_serializer_class(self) -> type[s.RunSerializer]:
         return s.RunListSerializer if self.action == "list" else s.RunSerializer
+
+    def list(self, request: Request) -> Response:
+        """Runs newest first, filterable; each row with the head of its command."""
+        queryset = self.filter_queryset(Run.objects.all())
+        paginator = self.paginator
+        assert isinstance(paginator, Pagination)
+        page = paginator.page_of(queryset, request)
+        return paginator.get_paginated_response(rows.run_rows(page, summary=True))
+
+    def retrieve(self, request: Request, pk: str) -> Response:
+        """One run, whole."""
+        key_or_404(pk, "Run")
+        found = rows.run_rows(Run.objects.filter(pk=pk), summary=False)
+        if not found:
+            raise NotFound(f"Run not found: {pk}")
+        return Response(found[0])
 
     def get_object(self) -> Run:
         key_or_404(self.kwargs["pk"], "Run")
