@@ -8,7 +8,7 @@ models per row) on the 2-core machine where research-agent answers from memory i
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, tzinfo
 from typing import Any
 
 from django.db.models import F, QuerySet
@@ -17,6 +17,7 @@ from django.utils import timezone
 
 from experiments.api.serializers import RunSerializer, redact_env
 from experiments.models import GpuLease, Run
+from labsite.compiled import Compiled
 from labsite.validation import lab_limit
 
 # The model's own columns of RunSerializer, read as they are.
@@ -62,35 +63,70 @@ assert set(FIELDS) == {*_PLAIN, *_TIMES, "command", "host", "leased_gpus", "crea
 )
 
 
-def _time(value: datetime | None) -> str | None:
-    """As DRF's DateTimeField writes it: the current time zone, UTC as `Z`."""
+def _time(value: datetime | None, zone: tzinfo) -> str | None:
+    """As DRF's DateTimeField writes it: in the current time zone (`zone`), UTC as `Z`."""
     if value is None:
         return None
-    text = timezone.localtime(value).isoformat()
+    text = value.astimezone(zone).isoformat()
     return text[:-6] + "Z" if text.endswith("+00:00") else text
+
+
+_JOINED = {"host_name": F("host__name"), "created_by_name": F("created_by__username")}
+# One run, whole, as GET /runs/{id} answers it: the two queries compiled once (labsite.compiled).
+_ONE_RUN = Compiled(
+    lambda pk: Run.objects.filter(pk=pk).values(
+        *_PLAIN, *_TIMES, **_JOINED, command_text=F("command")
+    ),
+    arity=1,
+)
+_ONE_RUNS_LEASES = Compiled(
+    lambda pk: (
+        GpuLease.objects.filter(run_id=pk, released_at__isnull=True)
+        .order_by("id")
+        .values_list("run_id", "gpu__index", "gpu__uuid")
+    ),
+    arity=1,
+)
+
+
+def run_detail(pk: str) -> dict[str, Any] | None:
+    """GET /runs/{id}: the run whole, or None."""
+    rows = _ONE_RUN.dicts(pk)
+    return (
+        _shape(rows, _ONE_RUNS_LEASES.rows(pk) if rows else [], summary=False)[0] if rows else None
+    )
 
 
 def run_rows(queryset: QuerySet[Run], *, summary: bool) -> list[dict[str, Any]]:
     """The runs of `queryset` (already filtered, ordered and sliced to a page) as API JSON:
     list rows with the head of each command (`summary`, as RunListSerializer), or whole."""
     most = lab_limit("LIST_COMMAND_CHARS")
-    extra: dict[str, Any] = {
-        "host_name": F("host__name"),
-        "created_by_name": F("created_by__username"),
-    }
+    extra: dict[str, Any] = dict(_JOINED)
     if summary:
         extra |= {"command_head": Substr("command", 1, most), "command_length": Length("command")}
     else:
         extra["command_text"] = F("command")
     rows = list(queryset.values(*_PLAIN, *_TIMES, **extra))
-    leases: dict[str, list[dict[str, Any]]] = {row["id"]: [] for row in rows}
+    leases: list[tuple[Any, ...]] = []
     if rows:
-        for run_id, index, uuid in (
-            GpuLease.objects.filter(run_id__in=list(leases), released_at__isnull=True)
+        leases = list(
+            GpuLease.objects.filter(
+                run_id__in=[row["id"] for row in rows], released_at__isnull=True
+            )
             .order_by("id")
             .values_list("run_id", "gpu__index", "gpu__uuid")
-        ):
-            leases[run_id].append({"index": index, "uuid": uuid})
+        )
+    return _shape(rows, leases, summary=summary)
+
+
+def _shape(
+    rows: list[dict[str, Any]], lease_rows: list[tuple[Any, ...]], *, summary: bool
+) -> list[dict[str, Any]]:
+    most = lab_limit("LIST_COMMAND_CHARS")
+    zone = timezone.get_current_timezone()
+    leases: dict[str, list[dict[str, Any]]] = {row["id"]: [] for row in rows}
+    for run_id, index, uuid in lease_rows:
+        leases[run_id].append({"index": index, "uuid": uuid})
     out = []
     for row in rows:
         item: dict[str, Any] = {}
@@ -109,7 +145,7 @@ def run_rows(queryset: QuerySet[Run], *, summary: bool) -> list[dict[str, Any]]:
             elif name == "env":
                 item["env"] = redact_env(row["env"])
             elif name in _TIMES:
-                item[name] = _time(row[name])
+                item[name] = _time(row[name], zone)
             else:
                 item[name] = row[name]
         if summary:

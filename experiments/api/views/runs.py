@@ -53,10 +53,10 @@ class RunViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gene
     def retrieve(self, request: Request, pk: str) -> Response:
         """One run, whole."""
         key_or_404(pk, "Run")
-        found = rows.run_rows(Run.objects.filter(pk=pk), summary=False)
-        if not found:
+        found = rows.run_detail(pk)
+        if found is None:
             raise NotFound(f"Run not found: {pk}")
-        return Response(found[0])
+        return Response(found)
 
     def get_object(self) -> Run:
         key_or_404(self.kwargs["pk"], "Run")
