@@ -11,7 +11,7 @@ from __future__ import annotations
 from datetime import datetime, tzinfo
 from typing import Any
 
-from django.db.models import F, QuerySet
+from django.db.models import DateTimeField, F, QuerySet
 from django.db.models.functions import Length, Substr
 from django.utils import timezone
 
@@ -20,47 +20,15 @@ from experiments.models import GpuLease, Run
 from labsite.compiled import Compiled
 from labsite.validation import lab_limit
 
-# The model's own columns of RunSerializer, read as they are.
-_PLAIN = [
-    "id",
-    "name",
-    "status",
-    "reason",
-    "error",
-    "workdir",
-    "env",
-    "params",
-    "sweep_id",
-    "plan_id",
-    "parent_id",
-    "priority",
-    "gpus",
-    "min_free_mem_mb",
-    "cpus",
-    "memory_mb",
-    "gpuwrap_config",
-    "exit_code",
-    "pid",
-    "slurm_job_id",
-    "waiting_reason",
-    "metrics_latest",
-    "log_size",
-    "chat_session_id",
-]
-_TIMES = [
-    "stop_requested_at",
-    "created_at",
-    "held_at",
-    "queued_at",
-    "launched_at",
-    "started_at",
-    "ended_at",
-    "updated_at",
-]
 FIELDS = list(RunSerializer.Meta.fields)
-assert set(FIELDS) == {*_PLAIN, *_TIMES, "command", "host", "leased_gpus", "created_by"}, (
-    "RunSerializer changed: build the same fields here"
-)
+# RunSerializer's fields that are not one of the run's own columns as it is stored.
+_BUILT = {"command", "host", "leased_gpus", "created_by"}
+_TIMES = [
+    name
+    for name in FIELDS
+    if name not in _BUILT and isinstance(Run._meta.get_field(name), DateTimeField)
+]
+_PLAIN = [name for name in FIELDS if name not in _BUILT and name not in _TIMES]
 
 
 def _time(value: datetime | None, zone: tzinfo) -> str | None:

@@ -17,7 +17,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -39,6 +38,7 @@ from clusters.models import Gpu, Host  # noqa: E402
 from experiments.models import GpuLease, Run  # noqa: E402
 from labsite.models import ApiToken  # noqa: E402
 from labsite.roles import assign_role  # noqa: E402
+from tests.harness.ports import free_port, wait_port  # noqa: E402
 
 N_RUNS = int(os.environ.get("BENCH_READ_RUNS", "1000"))
 N_ACTIVE = 100
@@ -56,23 +56,6 @@ READS = [
         "/wild/v2/system-health",
     ),
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_port(port: int, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError(f"nothing answered on port {port} within {timeout} s")
 
 
 def pct(samples: list[float], p: float) -> float:
@@ -171,7 +154,7 @@ def measure_labsite() -> dict[str, list[float]]:
         start_new_session=True,
     )
     try:
-        wait_port(port)
+        wait_port(port, 60)
         headers = {"X-Auth-Token": token}
         return {key: latencies(port, path.format(id=run_id), headers) for key, _, path, _ in READS}
     finally:

@@ -14,10 +14,8 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from glob import glob
 from pathlib import Path
@@ -31,25 +29,9 @@ from clusters.services import host_check_run_user_reach, host_ensure_local
 from experiments import jobs, scheduler, services
 from experiments.actors import Actor
 from experiments.models import Run
+from tests.harness.ports import free_port, wait_port
 
 pytestmark = pytest.mark.integration
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port: int, timeout: float = 15) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise AssertionError(f"nothing listens on 127.0.0.1:{port}")
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:
