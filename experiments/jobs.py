@@ -47,9 +47,9 @@ def _after_commit(task_name: str, *args: Any, **kwargs: Any) -> None:
 def kick_scheduler(*, cpu: bool = True, gpu: bool = True) -> None:
     """A quick scheduler pass once the current transaction commits (cheap when one runs).
 
-    It reads only the queues that what changed can help: cpu=False when a run ended and freed
-    its GPUs (a CPU run waits for a host, never for a GPU); gpu=False when a CPU run was
-    queued (nothing was freed for the GPU runs, which the last pass already looked at).
+    It reads only the queues that what changed can help: gpu=False when a CPU run was queued
+    (nothing was freed for the GPU runs, which the last pass already looked at), cpu=False
+    when a GPU run was. A run that ended frees CPU slots and GPUs: both.
     """
     _after_commit(SCHEDULE, cpu=cpu, gpu=gpu)
 

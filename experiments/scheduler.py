@@ -398,8 +398,8 @@ def schedule_pass(*, full: bool = True, cpu: bool = True, gpu: bool = True) -> d
     runs. A run that cannot be placed keeps a visible reason. A big run blocked longer than the
     lab's backfill bound holds the capacity: smaller runs behind it wait instead of passing it
     for ever. A quick pass (`full=False`) stops at the first run once nothing more fits, and
-    with `cpu=False` (a run ended: GPUs freed, no host) it reads only the GPU runs' queue, with
-    `gpu=False` (a CPU run was queued: nothing freed for GPU runs) only the CPU runs'. A full
+    with `cpu=False` (a GPU run was queued) it reads only the GPU runs' queue, with `gpu=False`
+    (a CPU run was queued: nothing freed for GPU runs) only the CPU runs'. A full
     pass first queues held runs whose plan is approved (release_cleared), then walks them too.
     """
     released = release_cleared() if full else []

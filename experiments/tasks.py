@@ -157,9 +157,9 @@ def poll_host(host_id: int) -> None:
     def poll() -> None:
         client.set(_recent_poll_key(host_id), 1, px=half_interval_ms)
         if runner.host_sync(host_id).get("freed"):
-            # A run's end frees GPUs, never a host for CPU runs. What the pass places goes out
-            # as tasks: this process is the host's poller (its lock is held), others are free.
-            _schedule(full=False, cpu=False, gpu=True, inline=POLL_INLINE_DISPATCHES)
+            # A run's end frees its CPU slots, and its GPUs: both queues. What the pass places
+            # goes out as tasks: this process is the host's poller (its lock is held).
+            _schedule(full=False, cpu=True, gpu=True, inline=POLL_INLINE_DISPATCHES)
 
     _one_at_a_time(f"poll:{host_id}", poll)
 

@@ -50,4 +50,4 @@ def run_cancel(run_id: str) -> None:
         message="stopped on the host",
     )
     if freed:
-        jobs.kick_scheduler(cpu=False)
+        jobs.kick_scheduler()

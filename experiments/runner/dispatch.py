@@ -81,7 +81,7 @@ def run_dispatch(run_id: str) -> None:
             message=str(exc),
             fields={"error": str(exc)[:2000]},
         ):
-            jobs.kick_scheduler(cpu=False)  # its GPUs are free again: the next run, now
+            jobs.kick_scheduler()  # its CPU slots and GPUs are free again: the next run, now
         return
     if pid is None:
         if services.run_transition(
@@ -92,7 +92,7 @@ def run_dispatch(run_id: str) -> None:
             reason=RunReason.USER_STOP,
             message="cancelled before it started",
         ):
-            jobs.kick_scheduler(cpu=False)
+            jobs.kick_scheduler()
         return
     services.run_transition(
         run_id=run_id,

@@ -43,7 +43,8 @@ def host_sync(host_id: int, *, cancelled: frozenset[str] = frozenset()) -> dict[
     left on the host (`cancelled`, from run_cancel): its wrapper may have exited while a child
     that ignores SIGTERM still holds its GPUs until the grace period's SIGKILL.
 
-    `freed` in the result says that runs ended here and released GPUs: the caller asks for one
+    `freed` in the result says that runs ended here (their CPU slots and GPUs are free again):
+    the caller asks for one
     scheduler pass for all of them (the poll task runs it at once, see tasks.poll_host).
     """
     host = Host.objects.filter(pk=host_id).first()

@@ -100,7 +100,7 @@ def test_a_poll_that_saw_runs_end_runs_the_quick_pass_itself(member, monkeypatch
     assert passes == []
     assert Run.objects.get(pk=run.pk).status == "queued"
     tasks.poll_host(1)
-    assert passes == [{"full": False, "cpu": False, "gpu": True}]
+    assert passes == [{"full": False, "cpu": True, "gpu": True}]
     assert Run.objects.get(pk=run.pk).status == "launching"
     assert GpuLease.objects.get(run=run, released_at__isnull=True).gpu_id == gpu.id
     assert "experiments.tasks.schedule" not in sent

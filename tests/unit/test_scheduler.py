@@ -254,7 +254,7 @@ def test_a_quick_pass_walks_past_runs_that_do_not_fit(hosts, member):
 
 
 def test_a_pass_for_freed_gpus_leaves_cpu_runs_to_the_others(hosts, member):
-    """A run's end frees GPUs, not hosts: its quick pass (cpu=False) does not read CPU runs; a
+    """A GPU run's kick helps GPU runs only: its quick pass (cpu=False) does not read CPU runs; a
     kick for a new run, or the timer's full pass, places them."""
     cpu = make(member, gpus=0, wrap={})[0]
     gpu = make(member, gpus=1)[0]
