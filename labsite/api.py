@@ -99,6 +99,17 @@ class Pagination(pagination.LimitOffsetPagination):
     def get_offset(self, request: Request) -> int:
         return query_int(request, self.offset_query_param, default=0, minimum=0)
 
+    def bounds(self, request: Request) -> tuple[int, int]:
+        """The page asked for: (limit, offset)."""
+        return self.get_limit(request), self.get_offset(request)
+
+    def answer(self, request: Request, count: int, results: list[Any]) -> Response:
+        """The paginated answer for a page a view read itself (count: of the whole list)."""
+        self.request = request
+        self.limit, self.offset = self.bounds(request)
+        self.count = count
+        return self.get_paginated_response(results)
+
     def page_of(self, queryset: QuerySet[Any], request: Request) -> QuerySet[Any]:
         """The page's slice of `queryset`, not yet read (for views that read it as rows);
         get_paginated_response then answers as paginate_queryset would have."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 from datetime import datetime, tzinfo
 from typing import Any
 
+from django.db import connection
 from django.db.models import DateTimeField, F, QuerySet
 from django.db.models.functions import Length, Substr
 from django.utils import timezone
@@ -63,6 +64,57 @@ def run_detail(pk: str) -> dict[str, Any] | None:
     return (
         _shape(rows, _ONE_RUNS_LEASES.rows(pk) if rows else [], summary=False)[0] if rows else None
     )
+
+
+_ACTIVE_LEASES = Compiled(
+    lambda: (
+        GpuLease.objects.filter(released_at__isnull=True)
+        .order_by("id")
+        .values_list("run_id", "gpu__index", "gpu__uuid")
+    ),
+    arity=0,
+)
+# The unfiltered page agents ask for (`GET /runs?limit=100`), compiled per (limit, offset,
+# list command length): Django writes LIMIT and OFFSET into the SQL text.
+_PAGES: dict[tuple[int, int, int], Compiled] = {}
+
+
+def _page_query(limit: int, offset: int, most: int) -> Compiled:
+    key = (limit, offset, most)
+    query = _PAGES.get(key)
+    if query is None:
+        if len(_PAGES) >= 64:
+            _PAGES.clear()
+        query = _PAGES[key] = Compiled(
+            lambda: Run.objects.order_by("-created_at").values(
+                *_PLAIN,
+                *_TIMES,
+                **_JOINED,
+                command_head=Substr("command", 1, most),
+                command_length=Length("command"),
+            )[offset : offset + limit],
+            arity=0,
+        )
+    return query
+
+
+def run_count() -> int:
+    """How many runs there are (the unfiltered list's `count`), without the ORM."""
+    table = connection.ops.quote_name(Run._meta.db_table)
+    with connection.cursor() as cursor:
+        cursor.execute(f"SELECT COUNT(*) FROM {table}")  # noqa: S608 - the model's own table
+        (count,) = cursor.fetchone()
+    return int(count)
+
+
+def unfiltered_page(*, limit: int, offset: int) -> list[dict[str, Any]]:
+    """`GET /runs?limit=&offset=` with no filter, newest first: what run_rows gives for that
+    page, from queries compiled once (the rows, and the lab's active leases)."""
+    most = lab_limit("LIST_COMMAND_CHARS")
+    rows = _page_query(limit, offset, most).dicts()
+    ids = {row["id"] for row in rows}
+    leases = [lease for lease in _ACTIVE_LEASES.rows() if lease[0] in ids] if rows else []
+    return _shape(rows, leases, summary=True)
 
 
 def run_rows(queryset: QuerySet[Run], *, summary: bool) -> list[dict[str, Any]]:

@@ -44,11 +44,16 @@ class RunViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gene
 
     def list(self, request: Request) -> Response:
         """Runs newest first, filterable; each row with the head of its command."""
-        queryset = self.filter_queryset(Run.objects.all())
         paginator = self.paginator
         assert isinstance(paginator, Pagination)
-        page = paginator.page_of(queryset, request)
-        return paginator.get_paginated_response(rows.run_rows(page, summary=True))
+        if set(request.query_params) <= {"limit", "offset"}:
+            # What agents ask in their loops: the whole lab, newest first, a page of it.
+            limit, offset = paginator.bounds(request)
+            page = rows.unfiltered_page(limit=limit, offset=offset)
+            return paginator.answer(request, rows.run_count(), page)
+        queryset = self.filter_queryset(Run.objects.all())
+        page_of = paginator.page_of(queryset, request)
+        return paginator.get_paginated_response(rows.run_rows(page_of, summary=True))
 
     def retrieve(self, request: Request, pk: str) -> Response:
         """One run, whole."""
