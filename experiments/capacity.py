@@ -1,9 +1,11 @@
-"""What the lab's enabled hosts can give a run: free GPUs now, and whether any host ever could.
+"""What the lab's enabled hosts can give a run: free GPUs and CPU slots now, and whether any
+host ever could.
 
-The scheduler reads a Capacity once per pass and keeps it in memory while it walks the queue;
-run creation asks `never_fits` once per request (one query, whatever the size of a grid). Both
-word a run's waiting reason with `needs()`, so the reason a run is given when it is created and
-the one a pass writes later read alike.
+The scheduler reads a Capacity once per pass, each part (GPUs, hosts, CPU slots in use) when
+the walk first needs it, and keeps it in memory while it walks the queue; run creation asks
+`never_fits` once per request (one query, whatever the size of a grid). Both word a run's
+waiting reason with `needs()`, so the reason a run is given when it is created and the one a
+pass writes later read alike.
 """
 
 from __future__ import annotations
@@ -188,8 +190,8 @@ class Capacity:
 
     @cached_property
     def hosts(self) -> dict[int, HostRef]:
-        """Every host that may get work, as plain rows; read only when a CPU run or a waiting
-        reason needs it."""
+        """Every host that may get work, as plain rows, with its CPU slots and memory; read
+        when the pass first needs a host (a CPU run, a GPU pick's CPU check, a reason)."""
         rows = enabled_hosts().values_list(
             "id", "name", "gpu_source", "cpu_slots", "cpu_count", "memory_mb"
         )
