@@ -3,9 +3,9 @@ host ever could.
 
 The scheduler reads a Capacity once per pass, each part (GPUs, hosts, CPU slots in use) when
 the walk first needs it, and keeps it in memory while it walks the queue; run creation asks
-`never_fits` once per request (one query, whatever the size of a grid). Both word a run's
-waiting reason with `needs()`, so the reason a run is given when it is created and the one a
-pass writes later read alike.
+`never_fits` once per request (one query, whatever the size of a grid). Their reads are
+compiled once per process (labsite.compiled). Both word a run's waiting reason with `needs()`,
+so the reason a run is given when it is created and the one a pass writes later read alike.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from clusters.services import LOCAL_HOST_NAME, gpu_policy
 from experiments.choices import ACTIVE
 from experiments.models import GpuLease, Run
 from labsite import roles
+from labsite.compiled import Compiled
 
 # The reason a run has from the moment it is queued until a pass looks at it.
 PENDING_PASS = "waiting for the scheduler's next pass"
@@ -85,6 +86,55 @@ def _admin_ids() -> frozenset[int]:
     )
 
 
+# What a pass reads, compiled once per process (labsite.compiled): a quick pass is three small
+# reads, and through the ORM each cost more in Python than in the database.
+_HOSTS = Compiled(
+    lambda: enabled_hosts().values_list(
+        "id", "name", "gpu_source", "cpu_slots", "cpu_count", "memory_mb"
+    ),
+    arity=0,
+)
+_CPUS_USED = Compiled(
+    lambda: (
+        Run.objects.filter(status__in=list(ACTIVE), host_id__isnull=False)
+        .order_by()
+        .values("host_id")
+        .annotate(cpus=Sum("cpus"), memory=Sum("memory_mb"))
+        .values_list("host_id", "cpus", "memory")
+    ),
+    arity=0,
+)
+_GPU_SIZES = Compiled(
+    lambda: Gpu.objects.filter(host__in=enabled_hosts(), present=True).values_list(
+        "host_id", "host__name", "memory_total_mb"
+    ),
+    arity=0,
+)
+_GPUS = Compiled(
+    lambda: (
+        Gpu.objects.filter(host__in=enabled_hosts(), present=True)
+        .annotate(
+            leased=Exists(GpuLease.objects.filter(gpu=OuterRef("pk"), released_at__isnull=True))
+        )
+        .order_by("host_id", "index")
+        .values_list(
+            "id",
+            "index",
+            "memory_total_mb",
+            "memory_used_mb",
+            "utilization_pct",
+            "processes",
+            "leased",
+            "host_id",
+            "host__name",
+            "host__gpu_free_max_mem_mb",
+            "host__gpu_free_max_util_pct",
+        )
+    ),
+    arity=0,
+)
+
+
 @dataclass(frozen=True, slots=True)
 class HostRef:
     """What a pass needs of a host it places on (a Host row has these too)."""
@@ -134,25 +184,7 @@ class Capacity:
 
         Plain rows, not models: a GPU pass reads every GPU of the lab (with 64 GPUs, model
         instances cost 8 ms of CPU per pass, rows 4 ms)."""
-        active = GpuLease.objects.filter(gpu=OuterRef("pk"), released_at__isnull=True)
-        rows = (
-            Gpu.objects.filter(host__in=enabled_hosts(), present=True)
-            .annotate(leased=Exists(active))
-            .order_by("host_id", "index")
-            .values_list(
-                "id",
-                "index",
-                "memory_total_mb",
-                "memory_used_mb",
-                "utilization_pct",
-                "processes",
-                "leased",
-                "host_id",
-                "host__name",
-                "host__gpu_free_max_mem_mb",
-                "host__gpu_free_max_util_pct",
-            )
-        )
+        rows = _GPUS.rows()
         free: dict[int, list[FreeGpu]] = defaultdict(list)
         hosts: dict[int, tuple[HostRef, GpuPolicy]] = {}
         for gpu_id, index, total, used, util, procs, leased, host_id, name, mem, pct in rows:
@@ -192,9 +224,7 @@ class Capacity:
     def hosts(self) -> dict[int, HostRef]:
         """Every host that may get work, as plain rows, with its CPU slots and memory; read
         when the pass first needs a host (a CPU run, a GPU pick's CPU check, a reason)."""
-        rows = enabled_hosts().values_list(
-            "id", "name", "gpu_source", "cpu_slots", "cpu_count", "memory_mb"
-        )
+        rows = _HOSTS.rows()
         return {
             host_id: HostRef(
                 host_id,
@@ -211,15 +241,9 @@ class Capacity:
         """Host id -> (CPU slots free, memory MB free): the host's less what its active runs
         take (GPU runs too), None where the host's size is not known yet. One query."""
         used = dict.fromkeys(self.hosts, (0, 0))
-        rows = (
-            Run.objects.filter(status__in=list(ACTIVE), host_id__in=list(self.hosts))
-            .order_by()
-            .values("host_id")
-            .annotate(cpus=Sum("cpus"), memory=Sum("memory_mb"))
-            .values_list("host_id", "cpus", "memory")
-        )
-        for host_id, cpus, memory in rows:
-            used[host_id] = (cpus or 0, memory or 0)
+        for host_id, cpus, memory in _CPUS_USED.rows():
+            if host_id in used:  # hosts disabled since keep their runs until they end
+                used[host_id] = (cpus or 0, memory or 0)
         room: dict[int, tuple[int | None, int | None]] = {}
         for host_id, host in self.hosts.items():
             cpus, memory = used[host_id]
@@ -345,15 +369,11 @@ def never_fits(
     host at all, makes a run wait for ever (until an admin adds or enables one). The run is
     still queued: hosts may come later.
     """
-    hosts = enabled_hosts()
-    if host is not None:
-        hosts = hosts.filter(pk=host.pk)
     if not gpus:
         machines = {
             name: (slots if slots is not None else count, memory)
-            for name, slots, count, memory in hosts.values_list(
-                "name", "cpu_slots", "cpu_count", "memory_mb"
-            )
+            for host_id, name, _, slots, count, memory in _HOSTS.rows()
+            if host is None or host_id == host.pk
         }
         if not machines:
             return HOST_GONE if host is not None else NO_HOST
@@ -364,10 +384,9 @@ def never_fits(
         return _too_small(machines, cpus, memory_mb, host)
     want = need_mb(min_free_mem_mb)
     sizes: dict[str, int] = defaultdict(int)  # host name -> its GPUs large enough for the run
-    for name, total in Gpu.objects.filter(host__in=hosts, present=True).values_list(
-        "host__name", "memory_total_mb"
-    ):
-        sizes[name] += total >= want
+    for host_id, name, total in _GPU_SIZES.rows():
+        if host is None or host_id == host.pk:
+            sizes[name] += total >= want
     if not may_use_local and LOCAL_HOST_NAME in sizes:
         del sizes[LOCAL_HOST_NAME]
         if not sizes:

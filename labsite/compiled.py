@@ -61,19 +61,27 @@ class Compiled:
         info = compiler.klass_info
         out = []
         for row in self.rows(*values, alias=alias):
-            out.append(_instance(info, compiler.select, row, alias))
+            obj = _instance(info, compiler.select, row, alias)
+            assert obj is not None  # the queried model's own primary key is never NULL
+            out.append(obj)
         return out
 
 
 def _instance(
     info: dict[str, Any], select: Sequence[Any], row: tuple[Any, ...], alias: str
-) -> Model:
+) -> Model | None:
+    """The row's instance of info's model, its related ones attached; None for a related row
+    that is not there (a nullable foreign key that is NULL), as Django's RelatedPopulator."""
     model = info["model"]
     indices = info["select_fields"]
     names = [select[i][0].target.attname for i in indices]
-    obj = model.from_db(alias, names, [row[i] for i in indices])
+    values = [row[i] for i in indices]
+    if values[names.index(model._meta.pk.attname)] is None:
+        return None
+    obj = model.from_db(alias, names, values)
     for related in info.get("related_klass_infos", []):
         child = _instance(related, select, row, alias)
         related["local_setter"](obj, child)
-        related["remote_setter"](child, obj)
+        if child is not None:
+            related["remote_setter"](child, obj)
     return obj

@@ -31,8 +31,9 @@ export DATABASE_URL="${base%/labsite}/$db_name"
 export LABSITE_LOCAL_TRUST_MEMBERS="${LABSITE_LOCAL_TRUST_MEMBERS:-true}"
 export LABSITE_DATA_DIR="${BENCH_DATA_DIR:-$ROOT/.test-data/bench}"
 mkdir -p "$LABSITE_DATA_DIR"
-# research-agent (the peer of bench_reads) keeps its runs in tmux windows.
-apt_install tmux
+# The SSH benches start sshd test hosts in network namespaces; research-agent (the peer of
+# bench_reads) keeps its runs in tmux windows.
+apt_install openssh-server openssh-client iproute2 tmux
 # BENCH="sched burst" make bench runs only those.
 for name in ${BENCH:-api reads runs sched burst}; do
   [ -f "tests/bench/bench_$name.py" ] || die "no benchmark named $name"

@@ -56,7 +56,8 @@ __all__ = [
     "TransportError",
     "bash_script",
     "executor_for",
-    "launch_script",
+    "launch_input",
+    "launch_program",
     "probe",
     "python_script",
     "source",
@@ -93,10 +94,16 @@ def python_script(name: str, params: Mapping[str, Any]) -> str:
     return protocol.python_params_line(params) + source(name)
 
 
-def launch_script(spec: LaunchSpec) -> str:
-    """launch.sh as sent, followed on stdin by wrapper.sh, which it copies into the run
-    directory as that directory's launch.sh."""
-    return bash_script("launch.sh", protocol.launch_params(spec)) + source("wrapper.sh")
+@cache
+def launch_program() -> str:
+    """What `bash -c` runs for a launch: params.sh and launch.sh, the same for every run."""
+    return parsed_by_bash("params.sh") + parsed_by_bash("launch.sh")
+
+
+def launch_input(spec: LaunchSpec) -> str:
+    """A launch's stdin: its parameters (see scripts/launch.sh), wrapper.sh among them."""
+    params = protocol.launch_params(spec) | {"wrapper_script": source("wrapper.sh").encode()}
+    return protocol.bash_params_line(params).removeprefix(protocol.PARAMS_ASSIGNMENT)
 
 
 class Executor:
@@ -112,7 +119,9 @@ class Executor:
 
     def launch(self, spec: LaunchSpec) -> int | None:
         """Start the run detached and return the wrapper's pid (None: cancelled before start)."""
-        result = self.transport.run("bash", launch_script(spec), self.timeout)
+        result = self.transport.run(
+            "bash", launch_input(spec), self.timeout, program=launch_program()
+        )
         return protocol.parse_launch(result.stdout + "\n" + result.stderr)
 
     def poll(

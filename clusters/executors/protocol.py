@@ -206,6 +206,9 @@ def _percent(value: bytes) -> str:
     return _UNSAFE.sub(lambda m: b"%%%02X" % m[0][0], value).decode("ascii")
 
 
+PARAMS_ASSIGNMENT = "LABSITE_PARAMS="
+
+
 def bash_params_line(params: Mapping[str, bytes]) -> str:
     """The line a bash script gets first: base64 of {"name": "<value, %HH-encoded>"}."""
     for name in params:
@@ -213,7 +216,7 @@ def bash_params_line(params: Mapping[str, bytes]) -> str:
             raise ValueError(f"{name!r} is not a parameter name")
     # Compact, and its strings hold no '"' or '\\': params.sh splits it on '"' alone.
     text = json.dumps({k: _percent(v) for k, v in params.items()}, separators=(",", ":"))
-    return f"LABSITE_PARAMS={base64.b64encode(text.encode()).decode()}\n"
+    return f"{PARAMS_ASSIGNMENT}{base64.b64encode(text.encode()).decode()}\n"
 
 
 def python_params_line(params: Mapping[str, Any]) -> str:

@@ -11,6 +11,7 @@ import base64
 import hashlib
 import logging
 import os
+import shlex
 import socket
 import threading
 import time
@@ -19,7 +20,7 @@ from typing import Any
 
 import paramiko
 
-from clusters.executors.transport import Result, Stream, TransportError
+from clusters.executors.transport import Result, Stream, TransportError, command_argv
 
 log = logging.getLogger(__name__)
 # What a broken or refused SSH connection raises (paramiko, the socket, a closed transport).
@@ -193,13 +194,12 @@ class SshTransport:
             )
         )
 
-    def run(self, interpreter: str, script: str, timeout: float) -> Result:
-        # Python isolated and without site: a host's PYTHONPATH, PYTHONSTARTUP or a conda
-        # env's .pth files can neither change the poll nor slow each one (~30 % of its start).
-        command = "bash -s" if interpreter == "bash" else "python3 -I -S -"
+    def run(self, interpreter: str, stdin: str, timeout: float, *, program: str = "") -> Result:
+        # The user's login shell (any POSIX shell) takes the command line apart again.
+        command = shlex.join(command_argv(interpreter, program))
         conn = self._slot(timeout)
         try:
-            channel = self._start(conn, command, script, timeout)
+            channel = self._start(conn, command, stdin, timeout)
             try:
                 channel.shutdown_write()
                 stdout, stderr = _drain(channel, timeout)

@@ -1,8 +1,10 @@
 """How a protocol script reaches a host: what every transport answers, and the local one.
 
-A transport runs a script it is handed on stdin (`bash -s`, `python3 -I -S -`) and returns
-what it printed, or, for a script that keeps running (the watcher's), a Stream of its lines.
-The SSH transport is in ssh.py; this is the server's own machine, without SSH.
+A transport runs a script it is handed on stdin (`bash -s`, `python3 -I -S -`), or a bash
+program it is handed for bash's command line with its input on stdin (`bash -c PROGRAM`: the
+launch, see scripts/launch.sh), and returns what it printed; for a script that keeps running
+(the watcher's), a Stream of its lines. The SSH transport is in ssh.py; this is the server's
+own machine, without SSH.
 """
 
 from __future__ import annotations
@@ -15,6 +17,17 @@ from dataclasses import dataclass
 from typing import IO, Any, Protocol
 
 from clusters.localuser import RunUser, clean_environment, python_for
+
+
+def command_argv(interpreter: str, program: str, python: str = "python3") -> list[str]:
+    """The command line of a protocol script (see Transport.run), for every transport."""
+    if interpreter == "bash":
+        return ["bash", "-c", program] if program else ["bash", "-s"]
+    if program:
+        raise ValueError("only bash runs a program from its command line")
+    # Isolated and without site: a host's PYTHONPATH, PYTHONSTARTUP or a conda env's .pth
+    # files can neither change the poll nor slow each one (~30 % of its start).
+    return [python, "-I", "-S", "-"]
 
 
 class TransportError(Exception):
@@ -64,7 +77,11 @@ class Stream:
 class Transport(Protocol):
     """Runs one protocol script on a host (see the module docstring)."""
 
-    def run(self, interpreter: str, script: str, timeout: float) -> Result: ...
+    def run(self, interpreter: str, stdin: str, timeout: float, *, program: str = "") -> Result:
+        """`interpreter` ("bash" or "python3") reads `stdin` as its script; or, with a
+        `program` (bash only, and nothing secret: a host's process list shows it), runs that
+        and reads `stdin` as its input."""
+        ...
 
     def stream(self, script: str, timeout: float) -> Stream: ...
 
@@ -132,14 +149,12 @@ class LocalTransport:
                 "--",
             ]
 
-    def run(self, interpreter: str, script: str, timeout: float) -> Result:
-        # Isolated and without site: no site-packages or shims to slow (or change) each poll.
-        argv = ["bash", "-s"] if interpreter == "bash" else [python_for(self.user), "-I", "-S", "-"]
-        argv = self.prefix + argv
+    def run(self, interpreter: str, stdin: str, timeout: float, *, program: str = "") -> Result:
+        argv = self.prefix + command_argv(interpreter, program, python_for(self.user))
         try:
             done = subprocess.run(
                 argv,
-                input=script.encode(),
+                input=stdin.encode(),
                 capture_output=True,
                 timeout=timeout,
                 check=False,

@@ -22,9 +22,12 @@ from experiments.choices import RunReason, RunStatus
 from experiments.models import GpuLease, Run
 from experiments.rundir import run_dir_name
 from experiments.runner.hosts import host_key_mismatch
+from labsite.compiled import Compiled
 
 log = logging.getLogger(__name__)
 SYSTEM = Actor.system()
+# The run with its host, compiled once per process (labsite.compiled): the dispatch's first read.
+_RUN_AND_HOST = Compiled(lambda pk: Run.objects.select_related("host").filter(pk=pk), arity=1)
 
 
 def launch_spec(run: Run, host: Host) -> LaunchSpec:
@@ -52,8 +55,9 @@ def launch_spec(run: Run, host: Host) -> LaunchSpec:
 def run_dispatch(run_id: str) -> None:
     """Start a launching run on its host; safe to run twice (the host keeps the first start)."""
     began = time.time()
-    run = Run.objects.select_related("host").filter(pk=run_id).first()
-    if run is None or run.status != RunStatus.LAUNCHING or run.host is None:
+    found = _RUN_AND_HOST.instances(run_id)
+    run = found[0] if found else None
+    if not isinstance(run, Run) or run.status != RunStatus.LAUNCHING or run.host is None:
         return
     if run.stop_requested_at is not None:
         # Stopped before it started: the cancel (which leaves a marker no later launch passes)

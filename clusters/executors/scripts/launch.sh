@@ -3,17 +3,19 @@
 # LABSITE_ERROR <why>). One exec per launch, and safe to run twice: a second launch of the
 # same run finds its pid and answers it; one after a cancel finds the `cancelled` marker.
 #
-# stdin: LABSITE_PARAMS, params.sh, this file, then wrapper.sh, which this copies into the run
-# directory as its launch.sh. Parameters: dir (the run directory), command (the user's
-# command, written to command.sh as it is), wrapper (the wrapper's own parameters, written to
-# the params file for it).
-#
-# The body is one compound command: bash -s reads a script from a pipe a byte at a time, so it
-# parses all of it before `cat` takes the rest of stdin, and the `exit` at its end keeps bash
-# from ever running that rest itself. A `cat` costs no decoding and no byte-by-byte reading;
-# the copy's last line is checked, so a transfer cut short starts nothing.
-# The launch path is latency-critical: four processes (base64, mkdir, cat, the wrapper), and
-# everything else builtins.
+# It runs as `bash -c PROGRAM`, PROGRAM being params.sh and this file: bash reads a script
+# from a pipe one byte at a time (one read(2) each, so as to leave the rest of stdin to the
+# commands it runs), which cost ~2 ms of every launch; from its command line it parses the
+# text in memory. The program is the same for every run, and holds nothing of one: seeing it
+# in the host's process list shows nothing. The run's parameters (its command and env, which
+# may hold secrets) are its stdin, read in blocks by base64: dir (the run directory), command
+# (the user's command, written to command.sh as it is), wrapper (the wrapper's own
+# parameters, written to the params file for it) and wrapper_script (wrapper.sh, written as
+# the run directory's launch.sh). A transfer cut short leaves the JSON unclosed (params
+# fails), and the wrapper's last line is checked too: either way nothing starts.
+# The launch path is latency-critical: four processes (base64, mkdir, the wrapper's setsid
+# and bash), and everything else builtins. One compound command, like the scripts that come
+# on stdin (which bash must parse whole before it runs any of it).
 {
 set -u
 umask 077
@@ -21,6 +23,10 @@ d=''
 pid=''
 if ! params || ! path d dir; then
   echo "LABSITE_ERROR the launch parameters are malformed"
+  exit 1
+fi
+if [[ ${P[wrapper_script]-} != *"# end of wrapper.sh%0A" ]]; then
+  echo "LABSITE_ERROR the wrapper arrived incomplete"
   exit 1
 fi
 started() { echo "LABSITE_PID $1"; exit 0; }
@@ -41,15 +47,8 @@ if ! { : > "$d/.launch"; } 2>/dev/null; then
 fi
 set +C
 emit command > "$d/command.sh" && emit wrapper > "$d/params" \
+  && emit wrapper_script > "$d/launch.sh" \
   || { echo "LABSITE_ERROR cannot write the run directory"; exit 1; }
-cat > "$d/launch.sh"
-mapfile -t w < "$d/launch.sh"
-if [ "${w[${#w[@]} - 1]-}" != "# end of wrapper.sh" ]; then
-  # Not all of it came: let a later launch (the dispatch is retried) take the lock again.
-  rm -f "$d/launch.sh" "$d/.launch"
-  echo "LABSITE_ERROR the wrapper arrived incomplete"
-  exit 1
-fi
 : >> "$d/output.log"
 # The wrapper says its pid on fd 3 as soon as its pid file is written, so nothing polls for
 # it; setsid and the redirections detach it from this connection, which it outlives.

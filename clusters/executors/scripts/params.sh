@@ -1,8 +1,10 @@
 # shellcheck shell=bash
-# The parameters of the bash script that follows this file on stdin (launch.sh, cancel.sh,
-# watch.sh). The server sends one generated line, LABSITE_PARAMS=<base64>, then this file,
-# then the script, all as they are (protocol.py, bash_params_line). The base64 (shell-safe,
-# so the line can only ever be an assignment) is of a flat JSON object of strings:
+# The parameters of the bash script that follows this file (launch.sh, cancel.sh, watch.sh).
+# cancel.sh and watch.sh come on stdin, after one generated line, LABSITE_PARAMS=<base64>, and
+# this file, all as they are (protocol.py, bash_params_line). launch.sh comes on bash's command
+# line, after this file, and its parameters are the whole of its stdin: the same base64, with
+# nothing before it (see launch.sh why). The base64 (shell-safe, so the line can only ever be
+# an assignment) is of a flat JSON object of strings:
 #     {"dir":"~/.labsite/runs/r1","command":"echo %22hi%22%0Asleep 1"}
 # where every byte but printable ASCII, and '"', '%' and '\' too, is written %HH. So the
 # object splits on '"' alone, a value turns back into its bytes with printf's %b once each %
@@ -20,7 +22,12 @@ declare -A P=()
 params() {
   local json n i
   local -a f
-  json=$(exec base64 -d <<<"${LABSITE_PARAMS-}") || return 1
+  if [[ -v LABSITE_PARAMS ]]; then
+    json=$(exec base64 -d <<<"$LABSITE_PARAMS") || return 1
+  else
+    # launch.sh: the parameters are the whole of stdin, read by base64 in blocks.
+    json=$(exec base64 -d) || return 1
+  fi
   [ "$json" = "{}" ] && return 0
   local IFS='"'
   set -f

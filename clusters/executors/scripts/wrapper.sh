@@ -3,9 +3,12 @@
 # (the poll knows a live wrapper by that command line). It leads the run's process group,
 # runs the command, and writes exit_code atomically when the command ends, whatever it did:
 # "pid gone and no exit_code" can then only mean the wrapper itself was killed.
-# launch.sh starts it by its absolute path: its directory is the run directory.
+# launch.sh starts it by its absolute path: its directory is the run directory. launch.sh
+# writes it from its parameters, and checks that it ends with this file's last line.
 d=${0%/*}
-echo $$ > "$d/pid.tmp" && mv -f "$d/pid.tmp" "$d/pid"
+# One write(2) of a few bytes, no `mv` process: a reader sees the file empty (no pid yet, as
+# every reader takes it) or whole, since a file's size grows only once the bytes are in.
+echo $$ > "$d/pid"
 # EPOCHREALTIME (bash 5) saves a `date` process; its decimal point follows the locale.
 now=${EPOCHREALTIME:-$(date +%s.%N)}
 echo "${now/,/.}" > "$d/started_at"
