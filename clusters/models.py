@@ -33,6 +33,8 @@ class Host(models.Model):
     gpu_source = models.CharField(max_length=16, choices=GpuSource.choices, default=GpuSource.NONE)
     # What the last inventory learned (Slurm partitions, driver, CPU count...).
     facts = models.JSONField(default=dict, blank=True)
+    # A Slurm host's default sbatch options for its runs (clusters.slurm.OPTION_KEYS).
+    slurm = models.JSONField(default=dict, blank=True)
     last_seen_at = models.DateTimeField(null=True, blank=True)
     probed_at = models.DateTimeField(null=True, blank=True)
     inventory_at = models.DateTimeField(null=True, blank=True)

@@ -14,7 +14,7 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from clusters import gpus as gpu_lib
-from clusters import localuser, signals
+from clusters import localuser, signals, slurm
 from clusters.choices import GpuSource, HostKind, HostState
 from clusters.models import Gpu, Host
 
@@ -240,47 +240,33 @@ def host_check_run_user_reach(host: Host) -> None:
     Host.objects.filter(pk=host.pk).update(facts=host.facts)
 
 
-def parse_sinfo(text: str) -> dict[str, Any]:
-    """Rows of `sinfo -h -o '%P|%D|%G|%T'` (partition, nodes, gres, state) as a summary."""
-    partitions: dict[str, dict[str, Any]] = {}
-    for line in text.splitlines():
-        parts = line.strip().split("|")
-        if len(parts) != 4:
-            continue
-        name, nodes, gres, state = parts
-        default = name.endswith("*")
-        name = name.rstrip("*")
-        part = partitions.setdefault(
-            name, {"name": name, "default": default, "nodes": 0, "gpus": 0, "states": {}}
-        )
-        count = int(nodes) if nodes.isdigit() else 0
-        part["nodes"] += count
-        part["states"][state] = part["states"].get(state, 0) + count
-        for item in gres.split(","):
-            # gres looks like gpu:4, gpu:a100:8 or gpu:a100:8(S:0-1)
-            fields = item.split("(")[0].split(":")
-            if fields[0] == "gpu" and fields[-1].isdigit():
-                part["gpus"] += int(fields[-1]) * count
-    return {"partitions": list(partitions.values())}
-
-
 def slurm_detect() -> Host | None:
-    """Ask the local `sinfo`; when it answers, keep the cluster as the host `slurm`."""
+    """Ask the local `sinfo`; when it answers, keep the cluster as the host `slurm`, with its
+    partitions, nodes, GRES, MaxTime and version (clusters.slurm.parse_sinfo), and the client
+    configuration this server's Slurm commands use (SLURM_CONF), which its runs' use too."""
     exe = shutil.which("sinfo")
     if exe is None:
         return None
+    timeout = settings.LABSITE["SINFO_TIMEOUT_SECONDS"]
     try:
         out = subprocess.run(
-            [exe, "-h", "-o", "%P|%D|%G|%T"],
+            [exe, "-h", "-N", "-o", slurm.SINFO_FORMAT],
             capture_output=True,
             text=True,
-            timeout=settings.LABSITE["SINFO_TIMEOUT_SECONDS"],
+            timeout=timeout,
             check=True,
+        ).stdout
+        version = subprocess.run(
+            [exe, "--version"], capture_output=True, text=True, timeout=timeout, check=False
         ).stdout
     except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError) as exc:
         log.info("sinfo did not answer: %s", exc)
         return None
-    facts = parse_sinfo(out)
+    facts = slurm.parse_sinfo(out) | {
+        "version": slurm.parse_version(version),
+        "slurm_conf": os.environ.get("SLURM_CONF", ""),
+        "accounting": _sacct_answers(timeout),
+    }
     host, _ = Host.objects.update_or_create(
         name=SLURM_HOST_NAME,
         defaults={
@@ -295,6 +281,23 @@ def slurm_detect() -> Host | None:
         },
     )
     return host
+
+
+def _sacct_answers(timeout: float) -> bool:
+    """Whether the cluster keeps accounting (sacct exits 1 where its storage is disabled)."""
+    exe = shutil.which("sacct")
+    if exe is None:
+        return False
+    try:
+        done = subprocess.run(
+            [exe, "-n", "-X", "-S", "now", "-o", "JobID"],
+            capture_output=True,
+            timeout=timeout,
+            check=False,
+        )
+    except (subprocess.TimeoutExpired, OSError):
+        return False
+    return done.returncode == 0
 
 
 def gpu_policy_for(host: Host) -> gpu_lib.GpuPolicy:

@@ -94,6 +94,14 @@ _HOSTS = Compiled(
     ),
     arity=0,
 )
+_SLURM_HOSTS = Compiled(
+    lambda: (
+        Host.objects.filter(enabled=True, kind=HostKind.SLURM)
+        .exclude(state=HostState.KEY_MISMATCH)
+        .values_list("id", "name")
+    ),
+    arity=0,
+)
 _CPUS_USED = Compiled(
     lambda: (
         Run.objects.filter(status__in=list(ACTIVE), host_id__isnull=False)
@@ -235,6 +243,16 @@ class Capacity:
             )
             for host_id, name, source, slots, count, memory in rows
         }
+
+    @cached_property
+    def slurm_hosts(self) -> dict[int, HostRef]:
+        """The enabled Slurm clusters: a run pinned to one is handed to Slurm at once (Slurm
+        queues, places and pins it); read when the pass first meets a pinned run."""
+        return {host_id: HostRef(host_id, name) for host_id, name in _SLURM_HOSTS.rows()}
+
+    def slurm_host(self, run: Ask) -> HostRef | None:
+        """The Slurm cluster the run is pinned to, if it is."""
+        return None if run.host_id is None else self.slurm_hosts.get(run.host_id)
 
     @cached_property
     def cpu_room(self) -> dict[int, tuple[int | None, int | None]]:

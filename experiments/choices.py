@@ -35,7 +35,8 @@ RUN_TRANSITIONS: dict[str, frozenset[str]] = {
     RunStatus.QUEUED: frozenset(
         {RunStatus.READY, RunStatus.HELD, RunStatus.LAUNCHING, RunStatus.RUNNING}
     ),
-    RunStatus.LAUNCHING: frozenset({RunStatus.QUEUED}),
+    # From running: a Slurm job requeued (preempted, a node failed) waits in Slurm again.
+    RunStatus.LAUNCHING: frozenset({RunStatus.QUEUED, RunStatus.RUNNING}),
     RunStatus.RUNNING: frozenset({RunStatus.LAUNCHING}),
     RunStatus.FINISHED: frozenset({RunStatus.LAUNCHING, RunStatus.RUNNING}),
     RunStatus.FAILED: frozenset({RunStatus.QUEUED, RunStatus.LAUNCHING, RunStatus.RUNNING}),
@@ -65,6 +66,13 @@ class RunReason(models.TextChoices):
     PLAN_REJECTED = "plan_rejected"
     PLAN_NOT_APPROVED = "plan_not_approved"
     USER_STOP = "user_stop"
+    # Slurm's own endings (clusters.slurm.ending): host memory (distinct from cuda_oom), a node
+    # that failed, a job cancelled in Slurm (not through Labsite), a deadline, a preemption.
+    OOM = "oom"
+    NODE_FAIL = "node_fail"
+    CANCELLED = "cancelled"
+    DEADLINE = "deadline"
+    PREEMPTED = "preempted"
 
 
 class PlanStatus(models.TextChoices):

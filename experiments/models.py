@@ -141,6 +141,11 @@ class Run(models.Model):
     exit_code = models.IntegerField(null=True, blank=True)
     pid = models.IntegerField(null=True, blank=True)
     slurm_job_id = models.CharField(max_length=40, blank=True)
+    # On a Slurm host: the run's own sbatch options over the host's (clusters.slurm.OPTION_KEYS),
+    # and the job's state as Slurm last said it, raw (bookkeeping that the poll rewrites, like
+    # waiting_reason; what a state does to the run goes through run_transition).
+    slurm = models.JSONField(default=dict, blank=True)
+    slurm_state = models.CharField(max_length=40, blank=True)
     chat_session_id = models.CharField(max_length=200, blank=True)
     created_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="runs"

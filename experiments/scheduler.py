@@ -290,6 +290,9 @@ class _Pass:
             self.wait(run, over)
             return
         capacity = self.capacity
+        if slurm := capacity.slurm_host(run):
+            self.place_slurm(run, slurm)
+            return
         if run.host_id:
             host = capacity.hosts.get(run.host_id)
             if host is None:
@@ -311,6 +314,12 @@ class _Pass:
         else:
             self.place_cpu(run, host)
 
+    def place_slurm(self, run: QueuedRun, host: HostRef) -> None:
+        """To Slurm at once: it queues the job, picks its node and pins its GPUs; the run stays
+        `launching`, with Slurm's reason, until its job runs (runner.slurm)."""
+        if _place(run, host, []) is Placement.PLACED:
+            self.placed += 1
+
     def place_cpu(self, run: QueuedRun, host: HostRef) -> None:
         if _place(run, host, []) is Placement.PLACED:
             self.placed += 1
@@ -319,6 +328,9 @@ class _Pass:
     def consider_gpu(self, run: QueuedRun) -> None:
         if over := self.over_budget(run):
             self.wait(run, over)
+            return
+        if slurm := self.capacity.slurm_host(run):
+            self.place_slurm(run, slurm)
             return
         if _gave_up(run, self.now):
             self.expire(run)
@@ -413,7 +425,7 @@ def schedule_pass(*, full: bool = True, cpu: bool = True, gpu: bool = True) -> d
     pass_.released = len(released)
     if cpu or full:
         for run in _head_first(gpu=False):
-            if not full and pass_.capacity.cpu_full():
+            if not full and run.host_id is None and pass_.capacity.cpu_full():
                 break  # the rest wait as they are; the timer's full pass words their reasons
             pass_.consider_cpu(run)
     if full:
@@ -423,7 +435,8 @@ def schedule_pass(*, full: bool = True, cpu: bool = True, gpu: bool = True) -> d
         # A GPU that frees usually goes to one of the first few runs: read those first, and
         # read the GPUs only once a GPU run waits (a CPU run's kick then costs no GPU query).
         for run in _head_first(gpu=True, first=QUICK_FIRST):
-            if pass_.blocked():
+            # A pinned run may be Slurm's (which needs none of the lab's GPUs): considered.
+            if run.host_id is None and pass_.blocked():
                 break
             pass_.consider_gpu(run)
     pass_.write_reasons()

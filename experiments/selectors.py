@@ -120,7 +120,10 @@ def cluster_state() -> dict[str, Any]:
                 }
             )
         if host.kind == HostKind.SLURM:
-            slurm_gpus += sum(p.get("gpus", 0) for p in host.facts.get("partitions", []))
+            # Each node once, though it may sit in several partitions (older facts: by partition).
+            slurm_gpus += host.facts.get(
+                "gpus", sum(p.get("gpus", 0) for p in host.facts.get("partitions", []))
+            )
         slots, used = host.cpu_slots_effective, cpus_used.get(host.id, 0)
         if slots is not None and host.kind != HostKind.SLURM:
             cpu_slots += slots

@@ -237,6 +237,10 @@ LABSITE: dict[str, Any] = {
     "RECONCILE_INTERVAL_SECONDS": env_float("LABSITE_RECONCILE_INTERVAL_SECONDS", 60.0, minimum=1),
     "BACKFILL_SECONDS": env_float("LABSITE_BACKFILL_SECONDS", 900.0, minimum=0),
     "SINFO_TIMEOUT_SECONDS": env_float("LABSITE_SINFO_TIMEOUT_SECONDS", 5.0, minimum=0.1),
+    # Submissions per Slurm cluster: a token bucket, as clusters limit each user's RPCs
+    # (slurm.conf's rl_bucket_size, rl_refill_rate); a burst beyond it waits, never trips it.
+    "SLURM_SUBMITS_PER_SECOND": env_float("LABSITE_SLURM_SUBMITS_PER_SECOND", 5.0, minimum=0.01),
+    "SLURM_SUBMIT_BURST": env_int("LABSITE_SLURM_SUBMIT_BURST", 20, minimum=1),
     # The local host: runs execute as this unprivileged Unix user (created by `make up` as root);
     # where it cannot be had, only admins' runs go there unless members are trusted explicitly.
     "LOCAL_RUN_USER": env_str("LABSITE_LOCAL_RUN_USER", "labsite-run"),

@@ -41,7 +41,7 @@ ensure_postgres() {
 export REDIS_URL="${TEST_REDIS_URL:-redis://127.0.0.1:6379/15}"
 ensure_redis "$REDIS_URL"
 DATABASE_URL=$(ensure_postgres)
-apt_install chromium openssh-server openssh-client iproute2 munge slurm-wlm shellcheck
+apt_install chromium openssh-server openssh-client iproute2 munge slurm-wlm slurmdbd mariadb-server shellcheck
 ensure_run_user
 export LABSITE_DATA_DIR="$ROOT/.test-data"
 rm -rf "$LABSITE_DATA_DIR"

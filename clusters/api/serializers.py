@@ -6,7 +6,7 @@ from typing import Any
 
 from rest_framework import serializers
 
-from clusters import localuser
+from clusters import localuser, slurm
 from clusters.choices import HostKind
 from clusters.models import Host
 from labsite import roles
@@ -45,6 +45,7 @@ class HostSerializer(serializers.ModelSerializer[Host]):
             "cpu_count",
             "cpu_slots",
             "memory_mb",
+            "slurm",
             "has_identity",
             "members_refused",
             "created_at",
@@ -108,6 +109,7 @@ class HostWriteSerializer(ModelInputSerializer):
             "gpu_free_max_mem_mb",
             "gpu_free_max_util_pct",
             "cpu_slots",
+            "slurm",
         ]
         # Explicit ranges: on SQLite the model's columns carry none, and PostgreSQL's stop at
         # 2**31 - 1 with an error rather than a message.
@@ -131,6 +133,15 @@ class HostWriteSerializer(ModelInputSerializer):
             raise serializers.ValidationError(
                 {"host_key_fingerprint": "give it as ssh-keygen -lf prints it: SHA256:..."}
             )
+        if "slurm" in attrs:
+            if kind != HostKind.SLURM and attrs["slurm"]:
+                raise serializers.ValidationError(
+                    {"slurm": "default sbatch options are for a Slurm host"}
+                )
+            try:
+                attrs["slurm"] = slurm.check_options(attrs["slurm"])
+            except ValueError as exc:
+                raise serializers.ValidationError({"slurm": str(exc)}) from exc
         if attrs.get("identity_file") and attrs.get("private_key"):
             raise serializers.ValidationError(
                 {"private_key": "give identity_file or private_key, not both"}

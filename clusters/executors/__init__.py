@@ -8,6 +8,7 @@ plans, sweeps or users.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Mapping
 from functools import cache
@@ -24,6 +25,7 @@ from clusters.executors.protocol import (
     ProtocolError,
     RunRef,
     RunReport,
+    SlurmJob,
 )
 from clusters.executors.ssh import HostKeyMismatch, SshTransport, Target, probe
 from clusters.executors.transport import (
@@ -34,9 +36,12 @@ from clusters.executors.transport import (
     TransportError,
 )
 from clusters.localuser import run_user
+from clusters.slurm import job_name
 
 if TYPE_CHECKING:
     from clusters.models import Host
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "WATCH_ALIVE",
@@ -49,6 +54,8 @@ __all__ = [
     "Result",
     "RunRef",
     "RunReport",
+    "SlurmExecutor",
+    "SlurmJob",
     "SshTransport",
     "Stream",
     "Target",
@@ -173,15 +180,105 @@ class Executor:
         return protocol.parse_cancel(result.stdout)
 
 
+@cache
+def sbatch_program() -> str:
+    """What `bash -c` runs for a Slurm submission: params.sh and sbatch.sh."""
+    return parsed_by_bash("params.sh") + parsed_by_bash("sbatch.sh")
+
+
+# sbatch's words for a cluster that is there but cannot take the job right now: the dispatch
+# is retried (TransportError), not failed.
+_SLURM_BUSY = re.compile(
+    r"squeue:|Unable to contact slurm controller|Socket timed out|temporarily unable|"
+    r"Slurm controller not responding|Zero Bytes were transmitted",
+    re.IGNORECASE,
+)
+
+
+class SlurmExecutor(Executor):
+    """A Slurm cluster's login node: runs become jobs (sbatch.sh), one squeue per poll covers
+    all of them (poll.py), a stop is an scancel (scancel.sh). `conf` is the SLURM_CONF its
+    client commands use ("" for the node's own)."""
+
+    def __init__(
+        self, transport: Transport, *, conf: str = "", accounting: bool = False, **kw: Any
+    ) -> None:
+        super().__init__(transport, **kw)
+        self.conf = conf
+        self.accounting = accounting
+
+    def submit(self, spec: LaunchSpec) -> str | None:
+        """Submit the run as a job, once; its job id (None: cancelled before it was)."""
+        params = protocol.sbatch_params(spec, job_name=job_name(spec.run_id), conf=self.conf)
+        params["wrapper_script"] = source("wrapper.sh").encode()
+        stdin = protocol.bash_params_line(params).removeprefix(protocol.PARAMS_ASSIGNMENT)
+        result = self.transport.run("bash", stdin, self.timeout, program=sbatch_program())
+        try:
+            return protocol.parse_submit(result.stdout + "\n" + result.stderr)
+        except ProtocolError as exc:
+            if _SLURM_BUSY.search(str(exc)):
+                raise TransportError(f"Slurm did not take the job now: {exc}") from exc
+            raise
+
+    def launch(self, spec: LaunchSpec) -> int | None:
+        raise ProtocolError("a Slurm run is submitted (submit), not launched")
+
+    def poll(
+        self, refs: list[RunRef], *, gpu: bool = False
+    ) -> tuple[dict[str, RunReport], GpuReport | None]:
+        """One round trip: every run's directory and one squeue for all their jobs."""
+        if not refs:
+            return {}, None
+        params = protocol.poll_params(refs, slurm_conf=self.conf, accounting=self.accounting)
+        text = python_script("poll.py", params)
+        result = self.transport.run("python3", text, self.poll_timeout + 20)
+        if result.code != 0:
+            raise ProtocolError(f"poll exited {result.code}: {result.stderr.strip()[-300:]}")
+        answer = protocol.poll_answer(result.stdout)
+        if error := protocol.slurm_error(answer):
+            log.warning("squeue did not answer: %s", error)
+        return protocol.parse_poll(answer), None
+
+    def cancel(
+        self, *, run_id: str, run_root: str, grace_seconds: float, dir_name: str = ""
+    ) -> int:
+        """scancel the run's job (by name: a job whose id was never recorded too); how many of
+        its jobs Slurm still holds (0: gone)."""
+        params = protocol.scancel_params(
+            run_root,
+            dir_name or run_id,
+            job_name=job_name(run_id),
+            conf=self.conf,
+            grace_seconds=max(grace_seconds, 5.0),
+        )
+        result = self.transport.run(
+            "bash", bash_script("scancel.sh", params), self.timeout + grace_seconds + 10
+        )
+        return protocol.parse_cancel(result.stdout)
+
+
 def executor_for(host: Host) -> Executor:
-    """The executor for a Host row (local or ssh)."""
+    """The executor for a Host row: local, ssh, or a Slurm cluster (its login node: this
+    machine when the host's hostname is localhost, else reached over SSH like an ssh host)."""
+    if host.kind == HostKind.SLURM:
+        facts = host.facts or {}
+        conf = str(facts.get("slurm_conf") or "")
+        accounting = bool(facts.get("accounting"))
+        if host.hostname in ("", "localhost"):
+            return SlurmExecutor(LocalTransport(run_user()), conf=conf, accounting=accounting)
+        _check_pinned(host)
+        return SlurmExecutor(SshTransport.for_host(host), conf=conf, accounting=accounting)
     if host.kind == HostKind.LOCAL:
         return Executor(LocalTransport(run_user()))
     if host.kind == HostKind.SSH:
-        if not host.host_key_fingerprint:
-            # Nothing is sent to a host whose key is not pinned: only a probe may pin it.
-            raise TransportError(f"host {host.name}: host key not pinned yet")
-        if host.state == HostState.KEY_MISMATCH:
-            raise TransportError(f"host {host.name}: its host key changed; an admin must accept it")
+        _check_pinned(host)
         return Executor(SshTransport.for_host(host))
     raise TransportError(f"host {host.name} of kind {host.kind!r} cannot run commands yet")
+
+
+def _check_pinned(host: Host) -> None:
+    if not host.host_key_fingerprint:
+        # Nothing is sent to a host whose key is not pinned: only a probe may pin it.
+        raise TransportError(f"host {host.name}: host key not pinned yet")
+    if host.state == HostState.KEY_MISMATCH:
+        raise TransportError(f"host {host.name}: its host key changed; an admin must accept it")

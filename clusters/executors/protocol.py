@@ -52,6 +52,7 @@ class LaunchSpec:
     env_setup: str = ""
     cuda_visible_devices: list[int] | None = None
     dir_name: str = ""  # the run directory, when not the run id (a later attempt)
+    sbatch_args: tuple[str, ...] = ()  # on a Slurm host: sbatch's options (clusters.slurm)
 
     @property
     def directory(self) -> str:
@@ -67,6 +68,7 @@ class RunRef:
     log_offset: int = 0
     metrics_offset: int = 0
     dir_name: str = ""
+    job_id: str = ""  # on a Slurm host: the run's job, once its id is known
 
     @property
     def directory(self) -> str:
@@ -87,6 +89,20 @@ class GpuReport:
     memory_mb: int | None = None
 
 
+@dataclass(frozen=True)
+class SlurmJob:
+    """A run's job as squeue showed it (raw: experiments.runner.slurm reads it)."""
+
+    job_id: str
+    state: str
+    partition: str = ""
+    nodes: str = ""
+    reason: str = ""
+    # From sacct, for a job that left squeue: its exit code, and who cancelled it.
+    exit_code: int | None = None
+    by: str = ""
+
+
 @dataclass
 class RunReport:
     """One run as its host saw it during a poll."""
@@ -100,6 +116,10 @@ class RunReport:
     log_chunk: bytes = b""
     metrics_offset: int = 0
     metrics_lines: list[str] = field(default_factory=list)
+    # On a Slurm host: the run's job in squeue, or None where squeue no longer shows it (or
+    # never did); `slurm_polled` says squeue answered at all.
+    slurm: SlurmJob | None = None
+    slurm_polled: bool = False
 
 
 def check_run_id(run_id: str) -> str:
@@ -167,19 +187,69 @@ def cancel_params(
     }
 
 
+def sbatch_params(spec: LaunchSpec, *, job_name: str, conf: str) -> dict[str, bytes]:
+    """sbatch.sh: launch.sh's parameters, the job's name, sbatch's options (NUL-terminated
+    words) and SLURM_CONF (or empty)."""
+    params = launch_params(spec)
+    if not re.fullmatch(r"labsite-[A-Za-z0-9_-]{1,64}", job_name):
+        raise ValueError(f"{job_name!r} is not a Labsite job name")
+    params["name"] = job_name.encode()
+    params["args"] = b"".join(
+        _bytes(_no_nul("an sbatch option", a)) + b"\0" for a in spec.sbatch_args
+    )
+    params["conf"] = _bytes(_no_nul("SLURM_CONF", conf))
+    return params
+
+
+def scancel_params(
+    run_root: str, directory: str, *, job_name: str, conf: str, grace_seconds: float
+) -> dict[str, bytes]:
+    """scancel.sh: the run directory, the job's name, how long to wait, SLURM_CONF."""
+    if not re.fullmatch(r"labsite-[A-Za-z0-9_-]{1,64}", job_name):
+        raise ValueError(f"{job_name!r} is not a Labsite job name")
+    return {
+        "dir": _bytes(_run_dir(run_root, directory)),
+        "name": job_name.encode(),
+        "steps": str(max(1, int(grace_seconds * 10))).encode(),
+        "conf": _bytes(_no_nul("SLURM_CONF", conf)),
+    }
+
+
 def watch_params(run_root: str, heartbeat_seconds: int = 15) -> dict[str, bytes]:
     """watch.sh: the host's events file (beside the run directories) and the heartbeat."""
     events = f"{_no_nul('the run root', run_root).rstrip('/')}/.events"
     return {"events": _bytes(events), "beat": str(max(1, int(heartbeat_seconds))).encode()}
 
 
-def poll_params(refs: list[RunRef], *, gpu: bool = False) -> dict[str, Any]:
+# How far back sacct looks for the jobs that left squeue (a bounded window, not the epoch).
+SACCT_WINDOW = "now-30days"
+
+
+def poll_params(
+    refs: list[RunRef],
+    *,
+    gpu: bool = False,
+    slurm_conf: str | None = None,
+    accounting: bool = False,
+) -> dict[str, Any]:
     """poll.py: every run to report, with the offsets the server has, and whether to ask
-    nvidia-smi too."""
+    nvidia-smi too; on a Slurm host (`slurm_conf` not None: SLURM_CONF, or empty), squeue once
+    for all of them, and with `accounting` one sacct for those of their jobs squeue no longer
+    shows."""
     for ref in refs:
         check_run_id(ref.run_id)
         check_run_id(ref.directory)
+        if ref.job_id and not re.fullmatch(r"[0-9]+(_[0-9]+)?", ref.job_id):
+            raise ValueError(f"{ref.job_id!r} is not a Slurm job id")
+    slurm = None
+    if slurm_conf is not None:
+        slurm = {
+            "conf": _no_nul("SLURM_CONF", slurm_conf),
+            "sacct": accounting,
+            "since": SACCT_WINDOW,
+        }
     return {
+        "slurm": slurm,
         "runs": [
             {
                 "id": r.run_id,
@@ -187,6 +257,7 @@ def poll_params(refs: list[RunRef], *, gpu: bool = False) -> dict[str, Any]:
                 "root": r.run_root,
                 "log": r.log_offset,
                 "metrics": r.metrics_offset,
+                "job": r.job_id,
             }
             for r in refs
         ],
@@ -246,6 +317,21 @@ def parse_launch(stdout: str) -> int | None:
     raise ProtocolError(f"unexpected launch answer: {_excerpt(stdout)}")
 
 
+def parse_submit(stdout: str) -> str | None:
+    """sbatch.sh's job id, or None when the run was cancelled before it was submitted."""
+    for line in stdout.splitlines():
+        if line.startswith("LABSITE_JOB "):
+            job = line.removeprefix("LABSITE_JOB ").strip()
+            if not re.fullmatch(r"[0-9]+(_[0-9]+)?", job):
+                break
+            return job
+        if line.startswith("LABSITE_CANCELLED"):
+            return None
+        if line.startswith("LABSITE_ERROR"):
+            raise ProtocolError(line.removeprefix("LABSITE_ERROR").strip())
+    raise ProtocolError(f"unexpected submit answer: {_excerpt(stdout)}")
+
+
 def parse_cancel(stdout: str) -> int:
     """How many processes of the run were still there at the end (0 = nothing left)."""
     match = re.search(r"LABSITE_CANCEL term_left=(\d+) left=(\d+)", stdout)
@@ -297,7 +383,24 @@ def _get(obj: Mapping[str, Any], key: str, kinds: tuple[type, ...], where: str) 
     return value
 
 
-def _report(run_id: str, rep: Any) -> RunReport:
+def _slurm_job(rep: Mapping[str, Any], where: str) -> SlurmJob | None:
+    job = rep.get("slurm")
+    if job is None:
+        return None
+    if not isinstance(job, dict):
+        raise ProtocolError(f"{where}: slurm is {_excerpt(repr(job))}")
+    return SlurmJob(
+        job_id=_get(job, "job_id", (str,), where),
+        state=_get(job, "state", (str,), where),
+        partition=_get(job, "partition", (str,), where),
+        nodes=_get(job, "nodes", (str,), where),
+        reason=_get(job, "reason", (str,), where),
+        exit_code=_get(job, "exit_code", _OPT_INT, where) if "exit_code" in job else None,
+        by=_get(job, "by", (str,), where) if "by" in job else "",
+    )
+
+
+def _report(run_id: str, rep: Any, *, slurm_polled: bool = False) -> RunReport:
     where = f"poll answer for run {run_id!r}"
     if not isinstance(rep, dict):
         raise ProtocolError(f"{where}: {_excerpt(repr(rep))}")
@@ -322,13 +425,25 @@ def _report(run_id: str, rep: Any) -> RunReport:
         log_chunk=chunk,
         metrics_offset=_get(rep, "metrics_offset", _INT, where),
         metrics_lines=lines,
+        slurm=_slurm_job(rep, where),
+        slurm_polled=slurm_polled,
     )
 
 
 def parse_poll(answer: str | Mapping[str, Any]) -> dict[str, RunReport]:
     """Each polled run's report, by run id, from poll.py's answer (raw or from poll_answer)."""
     data = poll_answer(answer) if isinstance(answer, str) else answer
-    return {run_id: _report(run_id, rep) for run_id, rep in data["runs"].items()}
+    # On a Slurm host: whether squeue answered (if not, no job's absence means anything).
+    polled = data.get("slurm_ok") is True
+    return {
+        run_id: _report(run_id, rep, slurm_polled=polled) for run_id, rep in data["runs"].items()
+    }
+
+
+def slurm_error(answer: Mapping[str, Any]) -> str:
+    """Why squeue did not answer a Slurm host's poll ("" when it did, or was not asked)."""
+    error = answer.get("slurm_error", "")
+    return error if isinstance(error, str) else repr(error)
 
 
 def parse_gpu(answer: str | Mapping[str, Any]) -> GpuReport | None:

@@ -54,6 +54,8 @@ class RunSerializer(serializers.ModelSerializer):
             "exit_code",
             "pid",
             "slurm_job_id",
+            "slurm_state",
+            "slurm",
             "waiting_reason",
             "metrics_latest",
             "log_size",
@@ -142,6 +144,12 @@ class RunCreateSerializer(InputSerializer):
     )
     host = serializers.CharField(required=False, allow_null=True, allow_blank=True)
     priority = serializers.IntegerField(required=False, default=0, min_value=-1000, max_value=1000)
+    slurm = serializers.JSONField(
+        required=False,
+        allow_null=True,
+        help_text="on a Slurm host: sbatch options over the host's (partition, account, qos, "
+        "time, cpus_per_gpu or cpus_per_task, mem or mem_per_gpu, constraint, exclude)",
+    )
 
 
 class SweepSerializer(serializers.ModelSerializer):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 
 from django.db.models import F
 
@@ -12,6 +13,7 @@ from clusters.executors import (
     HostKeyMismatch,
     LaunchSpec,
     ProtocolError,
+    SlurmExecutor,
     TransportError,
     executor_for,
 )
@@ -21,6 +23,7 @@ from experiments.actors import Actor
 from experiments.choices import RunReason, RunStatus
 from experiments.models import GpuLease, Run
 from experiments.rundir import run_dir_name
+from experiments.runner import slurm
 from experiments.runner.hosts import host_key_mismatch
 from labsite.compiled import Compiled
 
@@ -66,8 +69,13 @@ def run_dispatch(run_id: str) -> None:
     Run.objects.filter(pk=run_id).update(dispatch_attempts=F("dispatch_attempts") + 1)
     try:
         spec = launch_spec(run, run.host)
+        executor = executor_for(run.host)
+        if isinstance(executor, SlurmExecutor):
+            spec = replace(spec, sbatch_args=slurm.sbatch_args(run, run.host))
+            slurm.submit(run, run.host, executor, spec)
+            return
         exec_began = time.time()
-        pid = executor_for(run.host).launch(spec)
+        pid = executor.launch(spec)
         exec_ms = (time.time() - exec_began) * 1000
     except HostKeyMismatch as exc:
         host_key_mismatch(run.host, exc)

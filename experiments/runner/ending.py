@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from datetime import UTC, datetime
+from typing import Any
 
 from experiments import services
 from experiments.actors import Actor
@@ -63,7 +65,20 @@ def end_failed(run: Run, code: int | None) -> bool:
     return end_run(run, RunStatus.FAILED, RunReason.EXIT_CODE, f"exit code {code}", code)
 
 
-def end_run(run: Run, to: str, reason: str, message: str, code: int | None = None) -> bool:
+def end_run(
+    run: Run,
+    to: str,
+    reason: str,
+    message: str,
+    code: int | None = None,
+    *,
+    started_at: float | None = None,
+) -> bool:
+    """The run's end, once per attempt. `started_at` (the wrapper's epoch stamp) stands in for
+    a start no poll saw (a job that ran between two polls): its GPU-hours count from then."""
+    fields: dict[str, Any] = {"exit_code": code, "error": message if to == RunStatus.FAILED else ""}
+    if run.started_at is None and started_at is not None:
+        fields["started_at"] = datetime.fromtimestamp(started_at, tz=UTC)
     return services.run_transition(
         run_id=run.id,
         to=to,
@@ -71,6 +86,6 @@ def end_run(run: Run, to: str, reason: str, message: str, code: int | None = Non
         actor=SYSTEM,
         reason=reason,
         message=message,
-        fields={"exit_code": code, "error": message if to == RunStatus.FAILED else ""},
+        fields=fields,
         expect={"attempt": run.attempt},
     )

@@ -13,8 +13,6 @@ from experiments.choices import ACTIVE
 from experiments.models import Run
 
 log = logging.getLogger(__name__)
-
-log = logging.getLogger(__name__)
 SYSTEM = Actor.system()
 
 

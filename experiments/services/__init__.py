@@ -18,6 +18,7 @@ from experiments.services.plans import (
 )
 from experiments.services.runs import (
     run_create,
+    run_event,
     run_gpus_confirm,
     run_rerun,
     run_start,
@@ -49,6 +50,7 @@ __all__ = [
     "plan_submit",
     "plan_update",
     "run_create",
+    "run_event",
     "run_gpus_confirm",
     "run_rerun",
     "run_start",

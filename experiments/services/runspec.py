@@ -11,6 +11,7 @@ from django.core.exceptions import PermissionDenied, ValidationError
 from django.utils import timezone
 
 from clusters import localuser
+from clusters import slurm as slurm_lib
 from clusters.choices import HostKind
 from clusters.models import Host
 from experiments.actors import Actor
@@ -98,6 +99,8 @@ def waiting_reason_for(
 ) -> str:
     """The reason a run has the moment it is queued: why no enabled host could ever take it,
     if so (one query, per request, not per run), else that it waits for the next pass."""
+    if host is not None and host.kind == HostKind.SLURM:
+        return PENDING_PASS  # Slurm says why a job waits, once it has it (runner.slurm)
     may_use_local = roles.is_admin(owner) or localuser.members_may_run_locally()
     never = never_fits(
         gpus=gpus,
@@ -224,12 +227,14 @@ def run_spec(
     priority: int,
     cpus: int = 1,
     memory_mb: int | None = None,
+    slurm: Mapping[str, Any] | None = None,
     chat_session_id: str,
     auto_start: bool,
     parent: Run | None,
 ) -> dict[str, Any]:
     """The checked fields that runs created together share (one run, or a grid's runs)."""
     wrap = validate_gpuwrap_config(gpuwrap_config)
+    slurm_options = _check_slurm(slurm, host)
     if gpus is None:
         gpus = 1 if wrap.get("enabled") else 0
     check_int("gpus", gpus, minimum=0, maximum=MAX_GPUS_PER_RUN)
@@ -237,6 +242,12 @@ def run_spec(
     check_int("cpus", cpus, minimum=1, maximum=4096)
     check_int("memory_mb", memory_mb, minimum=1)
     check_int("priority", priority, minimum=-INT32_MAX)
+    if host is not None and host.kind == HostKind.SLURM:
+        if not host.enabled:
+            raise ValidationError({"host": f"host {host.name} is disabled"})
+        asked = slurm_lib.merged(host.slurm or {}, slurm_options)
+        if problem := slurm_lib.check_against(asked, gpus=gpus, facts=host.facts or {}):
+            raise ValidationError({"slurm": problem})
     if host is not None and not host.enabled:
         raise ValidationError({"host": f"host {host.name} is disabled"})
     if host is not None and host.kind == HostKind.LOCAL and not roles.is_admin(actor.user):
@@ -284,11 +295,25 @@ def run_spec(
         "gpuwrap_config": wrap,
         "host": host,
         "host_pinned": host is not None,
+        "slurm": slurm_options,
         "chat_session_id": chat_session_id or (sweep.chat_session_id if sweep else ""),
         "created_by": actor.user,
         "parent": parent,
         **({STATE_TIMESTAMP[status]: timezone.now()} if status in STATE_TIMESTAMP else {}),
     }
+
+
+def _check_slurm(options: Mapping[str, Any] | None, host: Host | None) -> dict[str, Any]:
+    """A run's own sbatch options: known keys and plain words, and only for a Slurm host."""
+    try:
+        clean = slurm_lib.check_options(options)
+    except ValueError as exc:
+        raise ValidationError({"slurm": str(exc)}) from exc
+    if clean and (host is None or host.kind != HostKind.SLURM):
+        raise ValidationError(
+            {"slurm": "slurm options are for a run on a Slurm host: name it with `host`"}
+        )
+    return clean
 
 
 def new_run(

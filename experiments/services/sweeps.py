@@ -185,6 +185,7 @@ def sweep_create_grid(
         memory_mb=options.pop("memory_mb", None),
         gpuwrap_config=options.pop("gpuwrap_config", None),
         host=options.pop("host", None),
+        slurm=options.pop("slurm", None),
         priority=options.pop("priority", 0),
         chat_session_id=chat_session_id,
         auto_start=auto_start,

@@ -34,7 +34,11 @@ from pathlib import Path
 from typing import Any
 
 APT_PACKAGES = ("munge", "slurm-wlm")
+ACCOUNTING_PACKAGES = ("slurmdbd", "mariadb-server")
 MUNGED = "/usr/sbin/munged"
+SLURMDBD = "/usr/sbin/slurmdbd"
+MARIADBD = "/usr/sbin/mariadbd"
+MARIADB_INSTALL_DB = "/usr/bin/mariadb-install-db"
 MUNGEKEY = "/usr/sbin/mungekey"
 SLURMCTLD = "/usr/sbin/slurmctld"
 SLURMD = "/usr/sbin/slurmd"
@@ -43,12 +47,19 @@ _DIR_PREFIX = "labsite-slurm-"
 
 GPU_COUNT = 4
 PARTITION = "gpu"
+SHORT_PARTITION = "short"
 NODE = "localhost"
 
 
-def missing_prerequisites() -> list[str]:
+def missing_prerequisites(*, accounting: bool = False) -> list[str]:
     """What this machine lacks to run a SlurmCluster (empty when it can)."""
     problems = []
+    if accounting:
+        for exe in (SLURMDBD, MARIADBD, MARIADB_INSTALL_DB):
+            if not os.access(exe, os.X_OK):
+                problems.append(
+                    f"{exe} missing (apt-get install -y {' '.join(ACCOUNTING_PACKAGES)})"
+                )
     if os.geteuid() != 0:
         problems.append("must run as root (slurmd, mknod)")
     for exe in (MUNGED, SLURMCTLD, SLURMD):
@@ -76,6 +87,12 @@ def _free_ports(n: int) -> list[int]:
             s.close()
 
 
+def _port_open(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.settimeout(0.2)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
 def _tail(path: Path, n: int = 20) -> str:
     try:
         lines = path.read_text(errors="replace").splitlines()
@@ -89,14 +106,29 @@ class SlurmError(RuntimeError):
 
 
 class SlurmCluster:
-    """One slurmctld + one slurmd (node ``localhost``, partition ``gpu``, 4 fake GPUs).
+    """One slurmctld + one slurmd (node ``localhost``, partitions ``gpu`` and ``short`` (MaxTime
+    10 minutes), 4 fake GPUs).
 
     Use as a context manager, or call :meth:`start` and :meth:`close`.
     """
 
-    def __init__(self, *, cpus: int = 2, gpus: int = GPU_COUNT, start_timeout: float = 30) -> None:
+    def __init__(
+        self,
+        *,
+        cpus: int = 2,
+        gpus: int = GPU_COUNT,
+        start_timeout: float = 30,
+        accounting: bool = False,
+        min_job_age: int = 3600,
+    ) -> None:
+        """With `accounting`, a private mariadbd and slurmdbd keep the jobs (sacct answers);
+        `min_job_age` is how long squeue still shows a finished job."""
         self.cpus = cpus
         self.gpus = gpus
+        self.accounting = accounting
+        self.min_job_age = min_job_age
+        self.dbd_port = 0
+        self.mariadb_port = 0
         self.start_timeout = start_timeout
         self.dir: Path | None = None
         self.conf_path: Path | None = None
@@ -124,7 +156,7 @@ class SlurmCluster:
         return p.stdout
 
     def start(self) -> SlurmCluster:
-        problems = missing_prerequisites()
+        problems = missing_prerequisites(accounting=self.accounting)
         if problems:
             raise SlurmError("cannot start Slurm: " + "; ".join(problems))
         self.dir = Path(tempfile.mkdtemp(prefix=_DIR_PREFIX))
@@ -149,6 +181,8 @@ class SlurmCluster:
                 "munged socket",
             )
             self._write_slurm()
+            if self.accounting:
+                self._start_accounting()
             self._start(
                 "slurmctld",
                 [SLURMCTLD, "-D", "-i", "-f", str(self.conf_path)],
@@ -176,7 +210,7 @@ class SlurmCluster:
                 ids_list = ids.split()
                 if ids_list:
                     self.run("scancel", *ids_list, timeout=5, check=False)
-        for name in ("slurmd", "slurmctld", "munged"):
+        for name in ("slurmd", "slurmctld", "slurmdbd", "mariadbd", "munged"):
             proc = self._procs.pop(name, None)
             if proc is not None:
                 err = self._stop(name, proc)
@@ -250,7 +284,7 @@ class SlurmCluster:
                     "ProctrackType=proctrack/linuxproc",
                     "TaskPlugin=task/none",
                     "JobAcctGatherType=jobacct_gather/none",
-                    "AccountingStorageType=accounting_storage/none",
+                    *self._accounting_lines(),
                     "JobCompType=jobcomp/none",
                     "MpiDefault=none",
                     "SelectType=select/cons_tres",
@@ -258,7 +292,7 @@ class SlurmCluster:
                     "GresTypes=gpu",
                     "SchedulerType=sched/backfill",
                     "SchedulerParameters=batch_sched_delay=0",
-                    "MinJobAge=3600",
+                    f"MinJobAge={self.min_job_age}",
                     "ReturnToService=2",
                     "SlurmctldTimeout=30",
                     "SlurmdTimeout=60",
@@ -274,6 +308,8 @@ class SlurmCluster:
                     f"NodeName={NODE} NodeAddr=127.0.0.1 CPUs={self.cpus} "
                     f"Gres=gpu:{self.gpus} State=UNKNOWN",
                     f"PartitionName={PARTITION} Nodes={NODE} Default=YES MaxTime=INFINITE State=UP",
+                    # The same node with a time limit: what a run's `time` is checked against.
+                    f"PartitionName={SHORT_PARTITION} Nodes={NODE} MaxTime=10 State=UP",
                     "",
                 ]
             )
@@ -285,9 +321,93 @@ class SlurmCluster:
             f"AutoDetect=off\nNodeName={NODE} Name=gpu File={d / 'dev' / file_spec}\n"
         )
 
+    def _accounting_lines(self) -> list[str]:
+        if not self.accounting:
+            return ["AccountingStorageType=accounting_storage/none"]
+        self.dbd_port, self.mariadb_port = _free_ports(2)
+        # slurmctld exits without AccountingStoragePass when munged's socket is not the default.
+        return [
+            "AccountingStorageType=accounting_storage/slurmdbd",
+            "AccountingStorageHost=localhost",
+            f"AccountingStoragePort={self.dbd_port}",
+            f"AccountingStoragePass={self.munge_socket}",
+        ]
+
+    def _start_accounting(self) -> None:
+        """A private mariadbd (its own datadir, port and socket; no grant tables: only this
+        test talks to it) and slurmdbd on it, up before slurmctld."""
+        assert self.dir is not None and self.munge_socket is not None
+        d = self.dir
+        data, sock = d / "mariadb", d / "run" / "mariadb.sock"
+        data.mkdir()
+        subprocess.run(
+            [
+                MARIADB_INSTALL_DB,
+                "--no-defaults",
+                f"--datadir={data}",
+                "--user=root",
+                "--skip-test-db",
+                "--auth-root-authentication-method=normal",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=120,
+            cwd=d,
+        )
+        self._start(
+            "mariadbd",
+            [
+                MARIADBD,
+                "--no-defaults",
+                f"--datadir={data}",
+                f"--socket={sock}",
+                f"--port={self.mariadb_port}",
+                "--bind-address=127.0.0.1",
+                "--user=root",
+                "--skip-grant-tables",
+                f"--pid-file={d / 'run' / 'mariadbd.pid'}",
+                f"--log-error={d / 'log' / 'mariadbd.log'}",
+            ],
+            d / "log" / "mariadbd.log",
+        )
+        self._wait(lambda: _port_open(self.mariadb_port), "mariadbd listening")
+        conf = d / "etc" / "slurmdbd.conf"
+        conf.write_text(
+            "\n".join(
+                [
+                    "AuthType=auth/munge",
+                    f"AuthInfo=socket={self.munge_socket}",
+                    "DbdHost=localhost",
+                    "DbdAddr=127.0.0.1",
+                    f"DbdPort={self.dbd_port}",
+                    "SlurmUser=root",
+                    "StorageType=accounting_storage/mysql",
+                    "StorageHost=127.0.0.1",
+                    f"StoragePort={self.mariadb_port}",
+                    "StorageUser=root",
+                    "StorageLoc=slurm_acct_db",
+                    f"PidFile={d / 'run' / 'slurmdbd.pid'}",
+                    f"LogFile={d / 'log' / 'slurmdbd.log'}",
+                    "DebugLevel=info",
+                    "",
+                ]
+            )
+        )
+        os.chmod(conf, 0o600)  # slurmdbd refuses a config others may read
+        # slurmdbd reads the slurmdbd.conf beside SLURM_CONF's slurm.conf.
+        self._start(
+            "slurmdbd",
+            [SLURMDBD, "-D"],
+            d / "log" / "slurmdbd.log",
+            env={"SLURM_CONF": str(self.conf_path)},
+        )
+        self._wait(lambda: _port_open(self.dbd_port), "slurmdbd listening")
+
     # ------------------------------------------------------------------ processes
 
-    def _start(self, name: str, args: list[str], log: Path) -> None:
+    def _start(
+        self, name: str, args: list[str], log: Path, env: dict[str, str] | None = None
+    ) -> None:
         assert self.dir is not None
         self._logs[name] = log
         out = open(self.dir / f"{name}.stdout", "wb")  # noqa: SIM115 - closed right after spawn
@@ -298,7 +418,7 @@ class SlurmCluster:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                env={"PATH": _PATH, "HOME": str(self.dir), "LANG": "C"},
+                env={"PATH": _PATH, "HOME": str(self.dir), "LANG": "C", **(env or {})},
                 cwd=self.dir,
             )
         finally:

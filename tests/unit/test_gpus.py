@@ -5,7 +5,7 @@ import sys
 import pytest
 
 from clusters import gpus
-from clusters.services import parse_sinfo
+from clusters.slurm import parse_sinfo
 
 # Captured from a real H100 node (nvidia-smi 550): 81559 MiB total.
 H100_QUERY = """0, GPU-5c1e3f0a-9d3b-7a45-1c2e-8f6b0d2a4c11, NVIDIA H100 80GB HBM3, 81559, 1, 0
@@ -59,13 +59,27 @@ def test_free_policy():
     assert gpus.is_free(foreign, policy, our_pids=[77])
 
 
-def test_sinfo_summary_counts_gpus_per_partition():
-    out = "gpu*|2|gpu:a100:4(S:0-1)|idle\ngpu*|1|gpu:a100:4|mixed\ncpu|8|(null)|idle\n"
+def test_sinfo_summary_counts_gpus_per_partition_and_each_node_once():
+    """`sinfo -h -N -o %N|%P|%G|%T|%l`: a line per node and partition."""
+    out = (
+        "n1|gpu*|gpu:a100:4(S:0-1)|idle|2-00:00:00\n"
+        "n2|gpu*|gpu:a100:4,gpu:v100:2|mixed|2-00:00:00\n"
+        "n3|gpu*|gpu:8|drained*|2-00:00:00\n"
+        "n1|debug|gpu:a100:4(S:0-1)|idle|30:00\n"
+        "c1|cpu|(null)|allocated|infinite\n"
+        "c2|cpu|(null)|down~|infinite\n"
+    )
     facts = parse_sinfo(out)
     by_name = {p["name"]: p for p in facts["partitions"]}
-    assert by_name["gpu"]["gpus"] == 12 and by_name["gpu"]["default"] is True
-    assert by_name["gpu"]["states"] == {"idle": 2, "mixed": 1}
-    assert by_name["cpu"]["gpus"] == 0 and by_name["cpu"]["nodes"] == 8
+    gpu = by_name["gpu"]
+    assert gpu["gpus"] == 18 and gpu["default"] is True and gpu["nodes"] == 3
+    assert gpu["max_gpus_per_node"] == 8 and gpu["max_time_minutes"] == 2880
+    assert gpu["states"] == {"idle": 1, "mixed": 1, "drained": 1}
+    assert by_name["debug"]["max_time_minutes"] == 30 and by_name["debug"]["default"] is False
+    assert by_name["cpu"]["gpus"] == 0 and by_name["cpu"]["max_time_minutes"] is None
+    # n1 sits in two partitions: the cluster has 5 nodes and 18 GPUs, not 22.
+    assert (facts["nodes"], facts["gpus"]) == (5, 18)
+    assert facts["node_states"] == {"idle": 1, "mixed": 1, "drained": 1, "allocated": 1, "down": 1}
 
 
 @pytest.mark.django_db

@@ -49,14 +49,17 @@ def number(text: "str | None", kind: "Any") -> "Any":
         return None
 
 
-def run_report(ref: "dict[str, Any]", max_log: int, max_metrics: int) -> "dict[str, Any]":
+def run_report(
+    ref: "dict[str, Any]", max_log: int, max_metrics: int, slurm: bool = False
+) -> "dict[str, Any]":
     d = os.path.join(os.path.expanduser(ref["root"]), ref["dir"])
     rep: dict[str, Any] = {}
     pid = read(os.path.join(d, "pid"))
     code = read(os.path.join(d, "exit_code"))
     rep["pid"] = int(pid) if pid and pid.isdigit() else None
     marker = os.fsencode(d + "/launch.sh")
-    if code is None and rep["pid"] is not None and not alive(rep["pid"], marker):
+    # A Slurm job's wrapper runs on a compute node: its pid means nothing here (squeue says).
+    if code is None and rep["pid"] is not None and not slurm and not alive(rep["pid"], marker):
         # The wrapper writes exit_code before it exits: read it again, or a run that ended
         # between the two reads would look vanished.
         code = read(os.path.join(d, "exit_code"))
@@ -162,10 +165,146 @@ def gpu_report(q_gpu: "list[str]", q_apps: "list[str]") -> "dict[str, Any]":
     return gpu
 
 
+JOB_PREFIX = "labsite-"
+
+
+def squeue(conf: str) -> "dict[str, dict[str, str]]":
+    """One squeue for all of this user's jobs, finished ones too (until Slurm's MinJobAge):
+    Labsite's, by run id (their names are labsite-<run id>). Raises OSError or ValueError with
+    squeue's words when it does not answer."""
+    import pwd
+    import subprocess
+
+    env = dict(os.environ)
+    if conf:
+        env["SLURM_CONF"] = conf
+    user = pwd.getpwuid(os.getuid()).pw_name
+    # The job name last: it is the one field a job's owner chooses freely.
+    try:
+        done = subprocess.run(
+            ["squeue", "-h", "-t", "all", "-u", user, "-o", "%i|%T|%P|%N|%r|%j"],
+            capture_output=True,
+            timeout=20,
+            env=env,
+            check=False,
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise ValueError("squeue did not answer within 20 s") from exc
+    if done.returncode != 0:
+        raise ValueError(done.stderr.decode(errors="replace").strip()[-300:] or "squeue failed")
+    jobs: dict[str, dict[str, str]] = {}
+    for line in done.stdout.decode(errors="replace").splitlines():
+        fields = line.strip().split("|", 5)
+        if len(fields) != 6 or not fields[5].startswith(JOB_PREFIX):
+            continue
+        job = {
+            "job_id": fields[0],
+            "state": fields[1],
+            "partition": fields[2],
+            "nodes": fields[3],
+            "reason": fields[4],
+        }
+        run_id = fields[5][len(JOB_PREFIX) :]
+        # A run resubmitted (requeued by Labsite) has several jobs: the newest counts.
+        old = jobs.get(run_id)
+        if old is None or _job_number(job["job_id"]) > _job_number(old["job_id"]):
+            jobs[run_id] = job
+    return jobs
+
+
+def sacct(conf: str, job_ids: "list[str]", since: str) -> "dict[str, dict[str, Any]]":
+    """One sacct for jobs that left squeue: by job id, their final state, exit code, nodes and
+    who cancelled them. Raises ValueError with sacct's words when it does not answer."""
+    import pwd
+    import subprocess
+
+    env = dict(os.environ)
+    if conf:
+        env["SLURM_CONF"] = conf
+    try:
+        done = subprocess.run(
+            [
+                "sacct",
+                "--parsable2",
+                "-n",
+                "-X",
+                "-S",
+                since,
+                "-j",
+                ",".join(job_ids),
+                "-o",
+                "JobID,State,ExitCode,NodeList,Partition",
+            ],
+            capture_output=True,
+            timeout=20,
+            env=env,
+            check=False,
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise ValueError("sacct did not answer within 20 s") from exc
+    if done.returncode != 0:
+        raise ValueError(done.stderr.decode(errors="replace").strip()[-300:] or "sacct failed")
+    found: dict[str, dict[str, Any]] = {}
+    for line in done.stdout.decode(errors="replace").splitlines():
+        fields = line.strip().split("|")
+        if len(fields) != 5:
+            continue
+        job_id, state, code, nodes, partition = fields
+        words = state.split()
+        by = ""
+        if len(words) == 3 and words[1] == "by":
+            # "CANCELLED by 1001": the uid, as a name where this machine knows it.
+            try:
+                by = pwd.getpwuid(int(words[2])).pw_name
+            except (KeyError, ValueError):
+                by = words[2]
+        head = code.split(":")[0]
+        found[job_id] = {
+            "job_id": job_id,
+            "state": words[0] if words else "",
+            "partition": partition,
+            "nodes": "" if nodes in ("None assigned", "") else nodes,
+            "reason": "",
+            "exit_code": int(head) if head.isdigit() else None,
+            "by": by,
+        }
+    return found
+
+
+def _job_number(job_id: str) -> "tuple[int, int]":
+    head, _, tail = job_id.partition("_")
+    return (int(head) if head.isdigit() else 0, int(tail) if tail.isdigit() else 0)
+
+
 def report(req: "dict[str, Any]") -> "dict[str, Any]":
-    runs = {r["id"]: run_report(r, req["max_log"], req["max_metrics"]) for r in req["runs"]}
-    gpu = gpu_report(req["q_gpu"], req["q_apps"]) if req.get("gpu") else None
-    return {"ok": 1, "runs": runs, "gpu": gpu}
+    slurm = req.get("slurm")
+    runs = {
+        r["id"]: run_report(r, req["max_log"], req["max_metrics"], slurm is not None)
+        for r in req["runs"]
+    }
+    answer: dict[str, Any] = {"ok": 1, "runs": runs}
+    if slurm is not None:
+        try:
+            jobs = squeue(slurm["conf"])
+        except (OSError, ValueError) as exc:
+            answer.update(slurm_ok=False, slurm_error=str(exc))
+        else:
+            answer["slurm_ok"] = True
+            for run_id, rep in runs.items():
+                rep["slurm"] = jobs.get(run_id)
+            # Jobs that left squeue (past Slurm's MinJobAge): accounting has their end.
+            gone = {r["job"]: r["id"] for r in req["runs"] if r.get("job") and r["id"] not in jobs}
+            if gone and slurm.get("sacct"):
+                try:
+                    ended = sacct(slurm["conf"], sorted(gone), slurm["since"])
+                except (OSError, ValueError) as exc:
+                    answer["sacct_error"] = str(exc)
+                else:
+                    for job_id, run_id in gone.items():
+                        if job_id in ended:
+                            runs[run_id]["slurm"] = ended[job_id]
+    answer["gpu"] = gpu_report(req["q_gpu"], req["q_apps"]) if req.get("gpu") else None
+    return answer
 
 
 if __name__ == "__main__":

@@ -45,7 +45,16 @@ def body_host(name: Any) -> Host | None:
 def run_options(data: dict[str, Any]) -> dict[str, Any]:
     """Options shared by a single run and a grid sweep's runs."""
     options: dict[str, Any] = {}
-    keys = ("gpuwrap_config", "gpus", "min_free_mem_mb", "cpus", "memory_mb", "workdir", "env")
+    keys = (
+        "gpuwrap_config",
+        "gpus",
+        "min_free_mem_mb",
+        "cpus",
+        "memory_mb",
+        "workdir",
+        "env",
+        "slurm",
+    )
     for key in (*keys, "priority"):
         if key in data:
             options[key] = data[key]

@@ -1,0 +1,234 @@
+"""Runs on a Slurm cluster: submitted as jobs, and in line with what squeue says of them.
+
+A run placed on a Slurm host is `launching` from its submission until Slurm runs its job (its
+waiting reason is then Slurm's, in words), `running` while the job runs, and ends as the job's
+terminal state says (clusters.slurm.ending): never on an unknown state, which is shown raw
+while the run waits for Slurm to say more. The job's id, its name (labsite-<run id>) and the
+run directory are the truth after any restart: a submission is looked up before it is made.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from datetime import timedelta
+
+import redis
+from django.conf import settings
+from django.db.models import Q
+from django.utils import timezone
+
+from clusters import slurm
+from clusters.executors import (
+    LaunchSpec,
+    ProtocolError,
+    RunReport,
+    SlurmExecutor,
+    TransportError,
+)
+from clusters.models import Host
+from experiments import jobs, services
+from experiments.actors import Actor
+from experiments.choices import RunReason, RunStatus
+from experiments.models import Run
+from experiments.runner.ending import end_run
+from labsite import buckets
+
+log = logging.getLogger(__name__)
+SYSTEM = Actor.system()
+# A placed run that Slurm does not show after this long lost its dispatch (as runner.sync).
+RESUBMIT_AFTER = timedelta(seconds=10)
+
+
+def sbatch_args(run: Run, host: Host) -> tuple[str, ...]:
+    """The run's sbatch options: its own over its host's defaults."""
+    options = slurm.merged(host.slurm or {}, run.slurm or {})
+    return tuple(
+        slurm.sbatch_args(
+            options,
+            gpus=run.gpus,
+            cpus=run.cpus,
+            memory_mb=run.memory_mb,
+            facts=host.facts or {},
+        )
+    )
+
+
+@functools.cache
+def _redis() -> redis.Redis:
+    return redis.Redis.from_url(settings.REDIS_URL)
+
+
+def submit(run: Run, host: Host, executor: SlurmExecutor, spec: LaunchSpec) -> None:
+    """Submit a launching run's job (once: sbatch.sh looks it up first) and record its id; paced
+    per cluster (LABSITE_SLURM_SUBMITS_PER_SECOND, _SUBMIT_BURST): one past the bucket is sent
+    again when a token will be there."""
+    lab = settings.LABSITE
+    try:
+        wait = buckets.take(
+            _redis(),
+            f"labsite:slurm:{host.pk}:submits",
+            rate=float(lab["SLURM_SUBMITS_PER_SECOND"]),
+            burst=int(lab["SLURM_SUBMIT_BURST"]),
+        )
+    except redis.RedisError as exc:
+        log.warning("submit of %s: no rate bucket (%s); submitting", run.id, exc)
+        wait = 0.0
+    if wait > 0:
+        jobs.dispatch_in(run.id, wait)
+        return
+    try:
+        job = executor.submit(spec)
+    except TransportError as exc:
+        log.warning("submit of %s: %s (the reconcile pass retries)", run.id, exc)
+        return
+    except (ProtocolError, ValueError) as exc:
+        if services.run_transition(
+            run_id=run.id,
+            to=RunStatus.FAILED,
+            from_=[RunStatus.LAUNCHING],
+            actor=SYSTEM,
+            reason=RunReason.LAUNCH_ERROR,
+            message=str(exc),
+            fields={"error": str(exc)[:2000]},
+        ):
+            jobs.kick_scheduler()
+        return
+    if job is None:
+        services.run_transition(
+            run_id=run.id,
+            to=RunStatus.STOPPED,
+            from_=[RunStatus.LAUNCHING],
+            actor=SYSTEM,
+            reason=RunReason.USER_STOP,
+            message="cancelled before it was submitted",
+        )
+        return
+    recorded = Run.objects.filter(
+        pk=run.id, status__in=[RunStatus.LAUNCHING, RunStatus.RUNNING], attempt=run.attempt
+    ).filter(~Q(slurm_job_id=job))
+    if recorded.update(slurm_job_id=job):
+        run.slurm_job_id = job
+        services.run_event(run, actor=SYSTEM, reason="slurm_submitted", message=f"job {job}")
+    log.info("submit of %s: job %s on %s", run.id, job, host.name)
+
+
+def apply(run: Run, report: RunReport, *, complete: bool, cancelled: bool) -> bool | None:
+    """Bring a Slurm run in line with squeue (and its run directory); True when it ended.
+    None: nothing Slurm-specific applies (squeue did not answer): the caller does nothing."""
+    if not report.slurm_polled:
+        return None
+    job = report.slurm
+    if job is None:
+        return _left_the_queue(run, report, complete=complete, cancelled=cancelled)
+    _note_state(run, job.state, job.reason, job.partition, job.job_id)
+    live = job.state in slurm.WAITING_STATES or job.state in slurm.RUNNING_STATES
+    if live and run.stop_requested_at is not None and not cancelled:
+        # Stopped while its submission was on its way: cancel it now that Slurm shows it.
+        jobs.cancel_later(run.id)
+        return False
+    if job.state in slurm.WAITING_STATES:
+        if run.status == RunStatus.RUNNING:
+            # Requeued (preempted, or its node failed): it waits in Slurm again.
+            services.run_transition(
+                run_id=run.id,
+                to=RunStatus.LAUNCHING,
+                from_=[RunStatus.RUNNING],
+                actor=SYSTEM,
+                reason="slurm_requeued",
+                message=f"Slurm: job {job.job_id} {job.state} ({job.reason})",
+                fields={"waiting_reason": slurm.pending_words(job.reason, job.partition)},
+                expect={"attempt": run.attempt},
+            )
+        return False
+    if job.state in slurm.RUNNING_STATES:
+        if run.status == RunStatus.LAUNCHING:
+            services.run_transition(
+                run_id=run.id,
+                to=RunStatus.RUNNING,
+                from_=[RunStatus.LAUNCHING],
+                actor=SYSTEM,
+                message=f"Slurm: job {job.job_id} {job.state} on {job.nodes or '?'}",
+                fields={"pid": report.pid, "waiting_reason": ""},
+                expect={"attempt": run.attempt},
+            )
+        return False
+    code = report.exit_code if report.exit_code is not None else job.exit_code
+    ended = slurm.ending(job.state, exit_code=code, nodes=job.nodes, by=job.by)
+    if ended is None:
+        return False  # unknown: shown raw (slurm_state), never taken as an end
+    if not complete:
+        return False  # copy the whole log first
+    if run.stop_requested_at is not None:
+        if not cancelled and job.state != "CANCELLED":
+            return False
+        return end_run(
+            run,
+            RunStatus.STOPPED,
+            RunReason.USER_STOP,
+            ended.message,
+            code,
+            started_at=report.started_at,
+        )
+    return end_run(
+        run,
+        ended.status,
+        ended.reason,
+        ended.message,
+        code,
+        started_at=report.started_at,
+    )
+
+
+def _left_the_queue(run: Run, report: RunReport, *, complete: bool, cancelled: bool) -> bool:
+    """No job in squeue: not submitted yet (a dispatch on its way), or gone past Slurm's
+    MinJobAge, when the run directory's exit_code is what is left to go by."""
+    if not run.slurm_job_id:
+        if run.status == RunStatus.LAUNCHING and run.stop_requested_at is not None:
+            jobs.cancel_later(run.id)
+        elif run.launched_at is None or timezone.now() - run.launched_at > RESUBMIT_AFTER:
+            jobs.dispatch_later(run.id)  # the dispatch was lost: submit (once) again
+        return False
+    if report.state != "exited":
+        if not complete:
+            return False
+        message = f"Slurm no longer knows job {run.slurm_job_id}, and it left no exit code"
+        to, why = (
+            (RunStatus.STOPPED, RunReason.USER_STOP)
+            if run.stop_requested_at is not None
+            else (RunStatus.FAILED, RunReason.LOST)
+        )
+        return end_run(run, to, why, message, None)
+    if not complete:
+        return False
+    code, began = report.exit_code, report.started_at
+    if run.stop_requested_at is not None:
+        return end_run(
+            run,
+            RunStatus.STOPPED,
+            RunReason.USER_STOP,
+            f"stopped (exit {code})",
+            code,
+            started_at=began,
+        )
+    if code == 0:
+        return end_run(run, RunStatus.FINISHED, "", "exit code 0", code, started_at=began)
+    return end_run(
+        run, RunStatus.FAILED, RunReason.EXIT_CODE, f"exit code {code}", code, started_at=began
+    )
+
+
+def _note_state(run: Run, state: str, reason: str, partition: str, job_id: str) -> None:
+    """Slurm's raw state (and a pending job's reason, in words) on the run: bookkeeping that
+    each poll rewrites, like a queued run's waiting reason (models.Run), written only when it
+    changed."""
+    waiting = slurm.pending_words(reason, partition) if state in slurm.WAITING_STATES else ""
+    changes = {}
+    if run.slurm_state != state:
+        changes["slurm_state"] = state
+    if run.status == RunStatus.LAUNCHING and run.waiting_reason != waiting:
+        changes["waiting_reason"] = waiting
+    if not run.slurm_job_id and job_id:
+        changes["slurm_job_id"] = job_id  # submitted before a restart could record it
+    if changes:
+        Run.objects.filter(pk=run.id, attempt=run.attempt).update(**changes)
