@@ -96,6 +96,9 @@ class Sweep(models.Model):
     created_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="sweeps"
     )
+    # On a Slurm host: the sweep's runs go as one job array, at most this many at once
+    # (`--array=0-N%K`); None: one job per run.
+    slurm_array_throttle = models.PositiveIntegerField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True, db_index=True)
 
     class Meta:

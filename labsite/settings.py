@@ -241,6 +241,10 @@ LABSITE: dict[str, Any] = {
     # (slurm.conf's rl_bucket_size, rl_refill_rate); a burst beyond it waits, never trips it.
     "SLURM_SUBMITS_PER_SECOND": env_float("LABSITE_SLURM_SUBMITS_PER_SECOND", 5.0, minimum=0.01),
     "SLURM_SUBMIT_BURST": env_int("LABSITE_SLURM_SUBMIT_BURST", 20, minimum=1),
+    # A Slurm cluster's poll: this often (the floor: never more often than 2 s), doubling while
+    # nothing changes up to the max, back to the floor when something does.
+    "SLURM_POLL_SECONDS": env_float("LABSITE_SLURM_POLL_SECONDS", 5.0, minimum=2.0),
+    "SLURM_POLL_MAX_SECONDS": env_float("LABSITE_SLURM_POLL_MAX_SECONDS", 60.0, minimum=2.0),
     # The local host: runs execute as this unprivileged Unix user (created by `make up` as root);
     # where it cannot be had, only admins' runs go there unless members are trusted explicitly.
     "LOCAL_RUN_USER": env_str("LABSITE_LOCAL_RUN_USER", "labsite-run"),

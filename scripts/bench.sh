@@ -32,10 +32,10 @@ export LABSITE_LOCAL_TRUST_MEMBERS="${LABSITE_LOCAL_TRUST_MEMBERS:-true}"
 export LABSITE_DATA_DIR="${BENCH_DATA_DIR:-$ROOT/.test-data/bench}"
 mkdir -p "$LABSITE_DATA_DIR"
 # The SSH benches start sshd test hosts in network namespaces; research-agent (the peer of
-# bench_reads) keeps its runs in tmux windows.
-apt_install openssh-server openssh-client iproute2 tmux
+# bench_reads) keeps its runs in tmux windows; bench_slurm starts a single-node Slurm.
+apt_install openssh-server openssh-client iproute2 tmux munge slurm-wlm
 # BENCH="sched burst" make bench runs only those.
-for name in ${BENCH:-api reads runs sched burst}; do
+for name in ${BENCH:-api reads runs sched burst slurm}; do
   [ -f "tests/bench/bench_$name.py" ] || die "no benchmark named $name"
   fresh_db
   "$PY" "tests/bench/bench_$name.py"

@@ -6,7 +6,7 @@ from typing import Any
 
 from rest_framework import serializers
 
-from clusters import localuser, slurm
+from clusters import localuser, slurm, slurm_pacing
 from clusters.choices import HostKind
 from clusters.models import Host
 from labsite import roles
@@ -18,6 +18,12 @@ class HostSerializer(serializers.ModelSerializer[Host]):
     has_identity = serializers.SerializerMethodField()
     members_refused = serializers.SerializerMethodField(
         help_text="the local host only: why members' runs may not go there (null: they may)"
+    )
+    slurm_calls_per_minute = serializers.SerializerMethodField(
+        help_text="a Slurm host only: the Slurm commands made for it in the last 60 s"
+    )
+    slurm_poll_seconds = serializers.SerializerMethodField(
+        help_text="a Slurm host only: its poll interval now (backs off while nothing changes)"
     )
 
     class Meta:
@@ -46,6 +52,8 @@ class HostSerializer(serializers.ModelSerializer[Host]):
             "cpu_slots",
             "memory_mb",
             "slurm",
+            "slurm_calls_per_minute",
+            "slurm_poll_seconds",
             "has_identity",
             "members_refused",
             "created_at",
@@ -67,6 +75,12 @@ class HostSerializer(serializers.ModelSerializer[Host]):
         if host.kind != HostKind.LOCAL:
             return None
         return localuser.local_refusal(host.facts)
+
+    def get_slurm_calls_per_minute(self, host: Host) -> int | None:
+        return slurm_pacing.calls_per_minute(host.pk) if host.kind == HostKind.SLURM else None
+
+    def get_slurm_poll_seconds(self, host: Host) -> float | None:
+        return slurm_pacing.interval(host.pk) if host.kind == HostKind.SLURM else None
 
     def get_has_identity(self, host: Host) -> bool:
         return bool(host.identity_file)

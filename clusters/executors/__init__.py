@@ -186,6 +186,12 @@ def sbatch_program() -> str:
     return parsed_by_bash("params.sh") + parsed_by_bash("sbatch.sh")
 
 
+@cache
+def sbatch_array_program() -> str:
+    """What `bash -c` runs for a job array: params.sh and sbatch_array.sh."""
+    return parsed_by_bash("params.sh") + parsed_by_bash("sbatch_array.sh")
+
+
 # sbatch's words for a cluster that is there but cannot take the job right now: the dispatch
 # is retried (TransportError), not failed.
 _SLURM_BUSY = re.compile(
@@ -206,6 +212,7 @@ class SlurmExecutor(Executor):
         super().__init__(transport, **kw)
         self.conf = conf
         self.accounting = accounting
+        self.calls = 0  # Slurm commands made so far (squeue, sacct, sbatch, scancel)
 
     def submit(self, spec: LaunchSpec) -> str | None:
         """Submit the run as a job, once; its job id (None: cancelled before it was)."""
@@ -213,11 +220,33 @@ class SlurmExecutor(Executor):
         params["wrapper_script"] = source("wrapper.sh").encode()
         stdin = protocol.bash_params_line(params).removeprefix(protocol.PARAMS_ASSIGNMENT)
         result = self.transport.run("bash", stdin, self.timeout, program=sbatch_program())
+        self.calls += protocol.parse_calls(result.stdout)
         try:
             return protocol.parse_submit(result.stdout + "\n" + result.stderr)
         except ProtocolError as exc:
             if _SLURM_BUSY.search(str(exc)):
                 raise TransportError(f"Slurm did not take the job now: {exc}") from exc
+            raise
+
+    def submit_array(
+        self, specs: list[LaunchSpec], *, job_name: str, throttle: int, list_path: str
+    ) -> list[str]:
+        """Submit these runs as one job array (once: see scripts/sbatch_array.sh); the job id
+        of each (`<array>_<k>`), in order."""
+        params = protocol.sbatch_array_params(
+            specs, job_name=job_name, conf=self.conf, throttle=throttle, list_path=list_path
+        )
+        params["wrapper_script"] = source("wrapper.sh").encode()
+        stdin = protocol.bash_params_line(params).removeprefix(protocol.PARAMS_ASSIGNMENT)
+        result = self.transport.run(
+            "bash", stdin, self.timeout + len(specs) * 0.05, program=sbatch_array_program()
+        )
+        self.calls += protocol.parse_calls(result.stdout)
+        try:
+            return protocol.parse_array(result.stdout + "\n" + result.stderr, len(specs))
+        except ProtocolError as exc:
+            if _SLURM_BUSY.search(str(exc)):
+                raise TransportError(f"Slurm did not take the array now: {exc}") from exc
             raise
 
     def launch(self, spec: LaunchSpec) -> int | None:
@@ -235,25 +264,35 @@ class SlurmExecutor(Executor):
         if result.code != 0:
             raise ProtocolError(f"poll exited {result.code}: {result.stderr.strip()[-300:]}")
         answer = protocol.poll_answer(result.stdout)
+        calls = answer.get("slurm_calls")
+        self.calls += calls if isinstance(calls, int) and not isinstance(calls, bool) else 0
         if error := protocol.slurm_error(answer):
             log.warning("squeue did not answer: %s", error)
         return protocol.parse_poll(answer), None
 
     def cancel(
-        self, *, run_id: str, run_root: str, grace_seconds: float, dir_name: str = ""
+        self,
+        *,
+        run_id: str,
+        run_root: str,
+        grace_seconds: float,
+        dir_name: str = "",
+        job_id: str = "",
     ) -> int:
-        """scancel the run's job (by name: a job whose id was never recorded too); how many of
-        its jobs Slurm still holds (0: gone)."""
+        """scancel the run's job (by name: a job whose id was never recorded too; an array's
+        element by its id); how many of its jobs Slurm still holds (0: gone)."""
         params = protocol.scancel_params(
             run_root,
             dir_name or run_id,
             job_name=job_name(run_id),
             conf=self.conf,
             grace_seconds=max(grace_seconds, 5.0),
+            job_id=job_id,
         )
         result = self.transport.run(
             "bash", bash_script("scancel.sh", params), self.timeout + grace_seconds + 10
         )
+        self.calls += protocol.parse_calls(result.stdout)
         return protocol.parse_cancel(result.stdout)
 
 

@@ -29,7 +29,7 @@ MAX_LOG_CHUNK = 4 * 2**20  # bytes copied per run per poll; the rest comes next 
 MAX_METRICS_CHUNK = 512 * 2**10
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 RUN_ID = re.compile(r"[A-Za-z0-9_-]{1,64}\Z")
-PARAM_NAME = re.compile(r"[a-z_]+\Z")
+PARAM_NAME = re.compile(r"[a-z_][a-z0-9_]*\Z")
 # The lines watch.sh prints: once when it follows the events file, then every heartbeat.
 WATCH_READY = "LABSITE_WATCHING"
 WATCH_ALIVE = "LABSITE_ALIVE"
@@ -201,15 +201,51 @@ def sbatch_params(spec: LaunchSpec, *, job_name: str, conf: str) -> dict[str, by
     return params
 
 
-def scancel_params(
-    run_root: str, directory: str, *, job_name: str, conf: str, grace_seconds: float
+def sbatch_array_params(
+    specs: list[LaunchSpec], *, job_name: str, conf: str, throttle: int, list_path: str
 ) -> dict[str, bytes]:
-    """scancel.sh: the run directory, the job's name, how long to wait, SLURM_CONF."""
+    """sbatch_array.sh: each run's launch parameters (dir_<i>, command_<i>, wrapper_<i>), the
+    array's list file, name and throttle, sbatch's other options (the first run's: a sweep's
+    runs share them) and SLURM_CONF."""
+    if not specs:
+        raise ValueError("an array needs runs")
+    if not re.fullmatch(r"labsite-array-[A-Za-z0-9_-]{1,64}", job_name):
+        raise ValueError(f"{job_name!r} is not a Labsite array name")
+    params: dict[str, bytes] = {
+        "count": str(len(specs)).encode(),
+        "name": job_name.encode(),
+        "conf": _bytes(_no_nul("SLURM_CONF", conf)),
+        "throttle": str(max(1, int(throttle))).encode(),
+        "list": _bytes(_no_nul("the list path", list_path)),
+        "args": b"".join(
+            _bytes(_no_nul("an sbatch option", a)) + b"\0" for a in specs[0].sbatch_args
+        ),
+    }
+    for i, spec in enumerate(specs):
+        for key, value in launch_params(spec).items():
+            params[f"{key}_{i}"] = value
+    return params
+
+
+def scancel_params(
+    run_root: str,
+    directory: str,
+    *,
+    job_name: str,
+    conf: str,
+    grace_seconds: float,
+    job_id: str = "",
+) -> dict[str, bytes]:
+    """scancel.sh: the run directory, the job's name (or, for an array's element, its id),
+    how long to wait, SLURM_CONF."""
     if not re.fullmatch(r"labsite-[A-Za-z0-9_-]{1,64}", job_name):
         raise ValueError(f"{job_name!r} is not a Labsite job name")
+    if job_id and not re.fullmatch(r"[0-9]+(_[0-9]+)?", job_id):
+        raise ValueError(f"{job_id!r} is not a Slurm job id")
     return {
         "dir": _bytes(_run_dir(run_root, directory)),
         "name": job_name.encode(),
+        "job": job_id.encode(),
         "steps": str(max(1, int(grace_seconds * 10))).encode(),
         "conf": _bytes(_no_nul("SLURM_CONF", conf)),
     }
@@ -315,6 +351,26 @@ def parse_launch(stdout: str) -> int | None:
         if line.startswith("LABSITE_ERROR"):
             raise ProtocolError(line.removeprefix("LABSITE_ERROR").strip())
     raise ProtocolError(f"unexpected launch answer: {_excerpt(stdout)}")
+
+
+def parse_calls(stdout: str) -> int:
+    """How many Slurm commands a Slurm script said it made (0 where it did not say)."""
+    match = re.search(r"^LABSITE_CALLS (\d+)$", stdout, re.MULTILINE)
+    return int(match.group(1)) if match else 0
+
+
+def parse_array(stdout: str, count: int) -> list[str]:
+    """sbatch_array.sh's job id for each of its `count` runs, in order."""
+    jobs: dict[int, str] = {}
+    for line in stdout.splitlines():
+        if line.startswith("LABSITE_ERROR"):
+            raise ProtocolError(line.removeprefix("LABSITE_ERROR").strip())
+        match = re.fullmatch(r"LABSITE_RUNJOB (\d+) ([0-9]+_[0-9]+|[0-9]+)", line.strip())
+        if match:
+            jobs[int(match.group(1))] = match.group(2)
+    if sorted(jobs) != list(range(count)):
+        raise ProtocolError(f"unexpected array answer: {_excerpt(stdout)}")
+    return [jobs[i] for i in range(count)]
 
 
 def parse_submit(stdout: str) -> str | None:

@@ -169,6 +169,7 @@ class SweepSerializer(serializers.ModelSerializer):
             "base_command",
             "parameters",
             "max_runs",
+            "slurm_array_throttle",
             "chat_session_id",
             "created_by",
             "created_at",
@@ -238,6 +239,9 @@ class RunOptionsMixin(InputSerializer):
     workdir = serializers.CharField(required=False, allow_blank=True, max_length=1000)
     env = serializers.JSONField(required=False, allow_null=True)
     priority = serializers.IntegerField(required=False, default=0, min_value=-1000, max_value=1000)
+    slurm = serializers.JSONField(
+        required=False, allow_null=True, help_text="on a Slurm host: sbatch options (see runs)"
+    )
 
 
 class SweepCreateSerializer(RunOptionsMixin):
@@ -249,6 +253,13 @@ class SweepCreateSerializer(RunOptionsMixin):
     )
     goal = serializers.CharField(required=False, allow_blank=True)
     auto_start = serializers.BooleanField(required=False, default=False)
+    slurm_array_throttle = serializers.IntegerField(
+        required=False,
+        allow_null=True,
+        min_value=1,
+        max_value=10000,
+        help_text="on a Slurm host: submit the runs as one job array, this many at once",
+    )
     chat_session_id = serializers.CharField(
         required=False, allow_null=True, allow_blank=True, max_length=200
     )

@@ -6,7 +6,9 @@ import logging
 
 from django.conf import settings
 
+from clusters import slurm_pacing
 from clusters.executors import (
+    SlurmExecutor,
     TransportError,
     executor_for,
 )
@@ -26,16 +28,26 @@ def run_cancel(run_id: str) -> None:
     run = Run.objects.select_related("host").filter(pk=run_id).first()
     if run is None or run.status not in ACTIVE or run.host is None:
         return
+    executor = None
     try:
-        left = executor_for(run.host).cancel(
-            run_id=run.id,
-            run_root=run.host.run_root,
-            dir_name=run_dir_name(run),
-            grace_seconds=settings.LABSITE["STOP_GRACE_SECONDS"],
-        )
+        executor = executor_for(run.host)
+        where = {
+            "run_id": run.id,
+            "run_root": run.host.run_root,
+            "dir_name": run_dir_name(run),
+            "grace_seconds": settings.LABSITE["STOP_GRACE_SECONDS"],
+        }
+        if isinstance(executor, SlurmExecutor):
+            left = executor.cancel(**where, job_id=run.slurm_job_id)
+        else:
+            left = executor.cancel(**where)
     except TransportError as exc:
         log.warning("cancel of %s: %s (retried by the reconcile pass)", run_id, exc)
         return
+    finally:
+        if isinstance(executor, SlurmExecutor):
+            slurm_pacing.record_calls(run.host.pk, executor.calls)
+            slurm_pacing.reset(run.host.pk)
     if left:
         log.error("cancel of %s left %d process(es) on %s", run_id, left, run.host.name)
         return

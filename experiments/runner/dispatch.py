@@ -71,6 +71,9 @@ def run_dispatch(run_id: str) -> None:
         spec = launch_spec(run, run.host)
         executor = executor_for(run.host)
         if isinstance(executor, SlurmExecutor):
+            if throttle := slurm.array_throttle(run):
+                slurm.submit_array(run, run.host, executor, throttle, launch_spec)
+                return
             spec = replace(spec, sbatch_args=slurm.sbatch_args(run, run.host))
             slurm.submit(run, run.host, executor, spec)
             return

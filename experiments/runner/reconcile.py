@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 
+from clusters import slurm_pacing
 from clusters.choices import HostKind
 from clusters.models import Host
 from experiments import jobs
@@ -26,9 +27,15 @@ def hosts_with_active_runs() -> list[int]:
 
 
 def hosts_to_poll() -> list[int]:
-    """Every enabled host (runs and GPUs) and any disabled one that still has active runs."""
+    """Every enabled host (runs and GPUs) and any disabled one that still has active runs; a
+    Slurm cluster with active runs once its paced interval has passed (clusters.slurm_pacing)."""
     enabled = Host.objects.filter(enabled=True, kind__in=[HostKind.LOCAL, HostKind.SSH])
-    return sorted(set(enabled.values_list("id", flat=True)) | set(hosts_with_active_runs()))
+    active = set(hosts_with_active_runs())
+    clusters = set(
+        Host.objects.filter(pk__in=active, kind=HostKind.SLURM).values_list("id", flat=True)
+    )
+    due = {host_id for host_id in clusters if slurm_pacing.poll_due(host_id)}
+    return sorted(set(enabled.values_list("id", flat=True)) | (active - clusters) | due)
 
 
 def reconcile() -> dict[str, int]:

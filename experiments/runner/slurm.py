@@ -10,7 +10,10 @@ run directory are the truth after any restart: a submission is looked up before 
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
+from collections.abc import Callable
+from dataclasses import replace
 from datetime import timedelta
 
 import redis
@@ -18,7 +21,7 @@ from django.conf import settings
 from django.db.models import Q
 from django.utils import timezone
 
-from clusters import slurm
+from clusters import slurm, slurm_pacing
 from clusters.executors import (
     LaunchSpec,
     ProtocolError,
@@ -30,14 +33,16 @@ from clusters.models import Host
 from experiments import jobs, services
 from experiments.actors import Actor
 from experiments.choices import RunReason, RunStatus
-from experiments.models import Run
+from experiments.models import Run, Sweep
 from experiments.runner.ending import end_run
-from labsite import buckets
+from labsite import buckets, locks
 
 log = logging.getLogger(__name__)
 SYSTEM = Actor.system()
 # A placed run that Slurm does not show after this long lost its dispatch (as runner.sync).
 RESUBMIT_AFTER = timedelta(seconds=10)
+# How long an array's submission waits for the rest of its sweep to be placed.
+ARRAY_GATHER = timedelta(seconds=3)
 
 
 def sbatch_args(run: Run, host: Host) -> tuple[str, ...]:
@@ -80,6 +85,7 @@ def submit(run: Run, host: Host, executor: SlurmExecutor, spec: LaunchSpec) -> N
     try:
         job = executor.submit(spec)
     except TransportError as exc:
+        slurm_pacing.record_calls(host.pk, executor.calls)
         log.warning("submit of %s: %s (the reconcile pass retries)", run.id, exc)
         return
     except (ProtocolError, ValueError) as exc:
@@ -94,6 +100,8 @@ def submit(run: Run, host: Host, executor: SlurmExecutor, spec: LaunchSpec) -> N
         ):
             jobs.kick_scheduler()
         return
+    slurm_pacing.record_calls(host.pk, executor.calls)
+    slurm_pacing.reset(host.pk)  # its PENDING reason, and its start, come sooner
     if job is None:
         services.run_transition(
             run_id=run.id,
@@ -111,6 +119,94 @@ def submit(run: Run, host: Host, executor: SlurmExecutor, spec: LaunchSpec) -> N
         run.slurm_job_id = job
         services.run_event(run, actor=SYSTEM, reason="slurm_submitted", message=f"job {job}")
     log.info("submit of %s: job %s on %s", run.id, job, host.name)
+
+
+def array_throttle(run: Run) -> int | None:
+    """The job array throttle of the run's sweep, when its runs go to Slurm as one array."""
+    if not run.sweep_id:
+        return None
+    return (
+        Sweep.objects.filter(pk=run.sweep_id).values_list("slurm_array_throttle", flat=True).first()
+    )
+
+
+def submit_array(
+    run: Run,
+    host: Host,
+    executor: SlurmExecutor,
+    throttle: int,
+    spec_of: Callable[[Run, Host], LaunchSpec],
+) -> None:
+    """Submit the run with every other run of its sweep placed on this cluster and not yet
+    submitted, as one job array (`--array=0-N%throttle`), and record each element's id. One
+    dispatch at a time per sweep does it (a Redis lock); the others find their id recorded."""
+    client = _redis()
+    with locks.try_hold(client, f"labsite:slurm:array:{run.sweep_id}") as held:
+        if not held:
+            jobs.dispatch_in(run.id, 1.0)  # the holder is submitting: look again then
+            return
+        # Read before the runs: a sibling placed in between is then among them.
+        placing = Run.objects.filter(
+            sweep_id=run.sweep_id, host=host, status=RunStatus.QUEUED
+        ).exists()
+        runs = list(
+            Run.objects.filter(
+                sweep_id=run.sweep_id,
+                host=host,
+                status=RunStatus.LAUNCHING,
+                slurm_job_id="",
+                stop_requested_at__isnull=True,
+            )
+            .select_related("host")
+            .order_by("id")
+        )
+        if not runs:
+            return  # submitted by another dispatch, or stopped
+        first = min((r.launched_at for r in runs if r.launched_at), default=None)
+        if placing and first is not None and timezone.now() - first < ARRAY_GATHER:
+            # The pass is still placing the sweep's runs (each placement commits, and sends its
+            # dispatch, on its own): wait for them, so that the sweep is one array under one
+            # throttle, not several arrays each allowed that many.
+            jobs.dispatch_in(run.id, 0.3)
+            return
+        specs = [replace(spec_of(r, host), sbatch_args=sbatch_args(r, host)) for r in runs]
+        digest = hashlib.sha256(",".join(r.id for r in runs).encode()).hexdigest()[:16]
+        root = host.run_root.rstrip("/")
+        try:
+            job_ids = executor.submit_array(
+                specs,
+                job_name=f"labsite-array-{digest}",
+                throttle=throttle,
+                list_path=f"{root}/.arrays/{digest}.list",
+            )
+        except TransportError as exc:
+            slurm_pacing.record_calls(host.pk, executor.calls)
+            log.warning("array submit of sweep %s: %s (retried)", run.sweep_id, exc)
+            return
+        except (ProtocolError, ValueError) as exc:
+            for r in runs:
+                services.run_transition(
+                    run_id=r.id,
+                    to=RunStatus.FAILED,
+                    from_=[RunStatus.LAUNCHING],
+                    actor=SYSTEM,
+                    reason=RunReason.LAUNCH_ERROR,
+                    message=str(exc),
+                    fields={"error": str(exc)[:2000]},
+                )
+            jobs.kick_scheduler()
+            return
+        slurm_pacing.record_calls(host.pk, executor.calls)
+        slurm_pacing.reset(host.pk)
+        for r, job in zip(runs, job_ids, strict=True):
+            updated = Run.objects.filter(
+                pk=r.id, status=RunStatus.LAUNCHING, attempt=r.attempt, slurm_job_id=""
+            ).update(slurm_job_id=job)
+            if updated:
+                services.run_event(
+                    r, actor=SYSTEM, reason="slurm_submitted", message=f"job {job} (array)"
+                )
+    log.info("array submit of sweep %s: %d run(s) on %s", run.sweep_id, len(runs), host.name)
 
 
 def apply(run: Run, report: RunReport, *, complete: bool, cancelled: bool) -> bool | None:

@@ -8,12 +8,14 @@ from typing import Any
 
 from django.utils import timezone
 
+from clusters import slurm_pacing
 from clusters.choices import HostKind
 from clusters.executors import (
     HostKeyMismatch,
     ProtocolError,
     RunRef,
     RunReport,
+    SlurmExecutor,
     TransportError,
     executor_for,
 )
@@ -68,14 +70,19 @@ def host_sync(host_id: int, *, cancelled: frozenset[str] = frozenset()) -> dict[
         for r in runs
     ]
     remote_gpus = host.kind == HostKind.SSH
+    executor = None
     try:
-        reports, gpu_report = executor_for(host).poll(refs, gpu=remote_gpus)
+        executor = executor_for(host)
+        reports, gpu_report = executor.poll(refs, gpu=remote_gpus)
     except HostKeyMismatch as exc:
         host_key_mismatch(host, exc)
         return {"runs": len(runs), "error": str(exc)}
     except (TransportError, ProtocolError) as exc:
         host_unreachable(host, runs, str(exc))
         return {"runs": len(runs), "error": str(exc)}
+    finally:
+        if isinstance(executor, SlurmExecutor):
+            slurm_pacing.record_calls(host.pk, executor.calls)
     # Either way the inventory marks the host online and seen.
     if gpu_report is not None:
         inventory_from_report(host, gpu_report)
@@ -89,12 +96,18 @@ def host_sync(host_id: int, *, cancelled: frozenset[str] = frozenset()) -> dict[
     complete = copy_outputs(reported)
     host_answered([run for run, _ in reported])
     freed = False
+    # What Slurm says changed since the last poll (a state, a job gone): its pace resets.
+    changed = any(
+        (report.slurm.state if report.slurm else "") != run.slurm_state for run, report in reported
+    )
     for run, report in reported:
         done, was_cancelled = run.id in complete, run.id in cancelled
         if host.kind == HostKind.SLURM:
             freed |= bool(slurm.apply(run, report, complete=done, cancelled=was_cancelled))
         else:
             freed |= _apply(run, report, complete=done, cancelled=was_cancelled)
+    if host.kind == HostKind.SLURM:
+        slurm_pacing.polled(host.pk, changed=changed or freed)
     # One pass for everything this poll saw end, not one per run: the pass places them all.
     # (Kicking from run_transition per released lease was tried: the burst bench went from
     # ~700 passes / 17 ms per run to 1,050 passes / 34 ms per run.)

@@ -12,6 +12,7 @@ from typing import Any
 from django.core.exceptions import ValidationError
 from django.db import transaction
 
+from clusters.choices import HostKind
 from experiments import jobs
 from experiments.actors import Actor
 from experiments.choices import (
@@ -150,8 +151,10 @@ def sweep_create_grid(
     chat_session_id: str = "",
     plan: Plan | None = None,
     run_options: Mapping[str, Any] | None = None,
+    slurm_array_throttle: int | None = None,
 ) -> Sweep:
     """A sweep with one run per grid point; a grid larger than max_runs is refused, never cut.
+    On a Slurm host with `slurm_array_throttle`, its runs go to Slurm as one job array.
 
     The runs and their "created" events are bulk inserts, and the check that no host could
     ever take them is one query: the queries do not grow with the grid.
@@ -162,6 +165,11 @@ def sweep_create_grid(
     check_int("max_runs", max_runs, minimum=1)
     _check_grid_size(grid_size(clean), max_runs)
     options = dict(run_options or {})
+    host = options.get("host")
+    if slurm_array_throttle is not None and (host is None or host.kind != HostKind.SLURM):
+        raise ValidationError(
+            {"slurm_array_throttle": "a job array is for a sweep on a Slurm host (`host`)"}
+        )
     sweep = Sweep(
         name=name,
         goal=goal or "",
@@ -172,6 +180,7 @@ def sweep_create_grid(
         chat_session_id=chat_session_id or "",
         plan=plan,
         created_by=actor.user,
+        slurm_array_throttle=slurm_array_throttle,
     )
     spec = run_spec(
         actor=actor,

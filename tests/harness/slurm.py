@@ -223,6 +223,30 @@ class SlurmCluster:
         if errors:
             raise SlurmError("; ".join(errors))
 
+    def restart_slurmctld(self) -> None:
+        """Stop slurmctld by its pid and start it again on the same state (jobs keep running
+        on slurmd meanwhile); returns once it answers."""
+        assert self.conf_path is not None and self.dir is not None
+        proc = self._procs.pop("slurmctld")
+        error = self._stop("slurmctld", proc)
+        if error:
+            raise SlurmError(error)
+        self._start(
+            "slurmctld",
+            [SLURMCTLD, "-D", "-i", "-f", str(self.conf_path)],
+            self.dir / "log" / "slurmctld.log",
+        )
+        self._wait(self._answers, "slurmctld answering again")
+
+    def _answers(self) -> bool:
+        try:
+            done = subprocess.run(
+                ["squeue", "-h"], capture_output=True, env=self.env, timeout=5, check=False
+            )
+        except subprocess.TimeoutExpired:
+            return False
+        return done.returncode == 0
+
     def __enter__(self) -> SlurmCluster:
         return self.start()
 
@@ -292,6 +316,9 @@ class SlurmCluster:
                     "GresTypes=gpu",
                     "SchedulerType=sched/backfill",
                     "SchedulerParameters=batch_sched_delay=0",
+                    # The node's CPUs as configured, not as this machine has them: room for
+                    # more jobs at once than its cores (they mostly sleep).
+                    "SlurmdParameters=config_overrides",
                     f"MinJobAge={self.min_job_age}",
                     "ReturnToService=2",
                     "SlurmctldTimeout=30",

@@ -21,7 +21,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(scope="session")
 def slurm_cluster() -> Iterator[SlurmCluster]:
-    """One cluster for the session (node localhost, partition gpu, 4 fake GPUs).
+    """One cluster for the session (node localhost with 8 CPUs, partitions gpu and short, 4
+    fake GPUs).
 
     While it lives, SLURM_CONF in this process points at it, so the app's own `sinfo`
     (clusters.services.slurm_detect) talks to it; the previous value is restored after.
@@ -30,7 +31,7 @@ def slurm_cluster() -> Iterator[SlurmCluster]:
     if problems:
         pytest.fail("Slurm test cluster unavailable: " + "; ".join(problems), pytrace=False)
     try:
-        cluster = SlurmCluster().start()
+        cluster = SlurmCluster(cpus=8).start()
     except SlurmError as e:
         pytest.fail(f"Slurm test cluster did not start: {e}", pytrace=False)
     previous = os.environ.get("SLURM_CONF")

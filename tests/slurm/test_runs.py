@@ -78,6 +78,10 @@ def test_runs_become_jobs_with_their_resources_and_end_as_slurm_says(
     assert "Partition=short" in job_fields(slurm_cluster, failed.slurm_job_id)
     # The cluster's default walltime, never UNLIMITED: the short partition's 10 minutes.
     assert "TimeLimit=00:10:00" in job_fields(slurm_cluster, failed.slurm_job_id)
+    # Two submissions (a lookup and an sbatch each) and the polls, counted on the host.
+    shown = member.client.get("/api/hosts/slurm").json()
+    assert shown["slurm_calls_per_minute"] >= 5, shown
+    assert shown["slurm_poll_seconds"] >= 2.0, shown
 
 
 def test_a_pending_job_says_why_and_stopping_cancels_pending_and_running_jobs(
@@ -200,3 +204,126 @@ def test_with_accounting_sacct_gives_the_end_of_jobs_squeue_no_longer_shows(
         assert one.slurm_polled and one.slurm is not None, one
         assert (one.slurm.state, one.slurm.exit_code, one.slurm.nodes) == ("FAILED", 3, "localhost")
         assert two.slurm is not None and (two.slurm.state, two.slurm.by) == ("CANCELLED", "root")
+
+
+def test_a_sweep_goes_as_one_job_array_each_element_a_run_with_its_own_log(
+    slurm_cluster: SlurmCluster, celery_worker: Any, member: Any
+) -> None:
+    """GIVEN a grid sweep of 3 on the Slurm host with an array throttle of 2 WHEN it starts THEN
+    one sbatch makes one array (`--array=0-2%2`), each element one run with its own log and exit
+    code; stopping one element cancels it alone."""
+    detected(slurm_cluster)
+    response = member.client.post(
+        "/api/sweeps",
+        {
+            "name": "arr",
+            # The grid appends --x=N: $1 of this little script.
+            "base_command": 'bash -c \'echo "$1 task=$SLURM_ARRAY_TASK_ID"; '
+            '[ "$1" != --x=3 ] || sleep 120\' grid',
+            "parameters": {"x": [1, 2, 3]},
+            "host": "slurm",
+            "slurm_array_throttle": 2,
+            "auto_start": True,
+        },
+        format="json",
+    )
+    assert response.status_code == 201, response.content
+    assert response.json()["slurm_array_throttle"] == 2
+    ids = {run["params"]["x"]: run["id"] for run in response.json()["runs"]}
+    for x in (1, 2):
+        run = ended(ids[x])
+        assert (run.status, run.exit_code) == ("finished", 0), (run.status, run.error)
+        log = member.client.get(f"/api/runs/{ids[x]}/logs").json()["content"]
+        assert f"--x={x} task=" in log and "--x=3" not in log, log
+    long = wait_for(lambda: (r := Run.objects.get(pk=ids[3])).status == "running" and r, timeout=60)
+    jobs = {Run.objects.get(pk=ids[x]).slurm_job_id for x in (1, 2, 3)}
+    arrays = {job.split("_")[0] for job in jobs}
+    assert len(arrays) == 1 and all("_" in job for job in jobs), jobs
+    (array,) = arrays
+    assert "ArrayTaskThrottle=2" in job_fields(slurm_cluster, array), job_fields(
+        slurm_cluster, array
+    )
+    assert member.client.post(f"/api/runs/{ids[3]}/stop").status_code == 200
+    stopped = ended(ids[3])
+    assert (stopped.status, stopped.reason) == ("stopped", "user_stop"), stopped.error
+    state = slurm_cluster.run(
+        "squeue", "-h", "-r", "-t", "all", "-j", long.slurm_job_id, "-o", "%T"
+    ).strip()
+    assert state == "CANCELLED", state
+    assert {Run.objects.get(pk=ids[x]).status for x in (1, 2)} == {"finished"}
+    bad = member.client.post(
+        "/api/sweeps",
+        {
+            "name": "no",
+            "base_command": "t {x}",
+            "parameters": {"x": [1]},
+            "slurm_array_throttle": 2,
+        },
+        format="json",
+    )
+    assert bad.status_code == 400 and b"Slurm host" in bad.content
+
+
+def test_an_array_of_20_runs_4_at_a_time_and_a_job_past_its_time_limit_times_out(
+    slurm_cluster: SlurmCluster, celery_worker: Any, member: Any
+) -> None:
+    """GIVEN 8 CPUs WHEN a 20-element array with throttle 4 runs (elements of 1 CPU, 1 s each)
+    THEN never more than 4 run at once (and several do), and each element's run has its own
+    exit code; a job asked for 1 minute that takes longer ends failed with reason timeout."""
+    detected(slurm_cluster)
+    late = create(member.client, command="sleep 300", slurm={"time": "1"})
+    response = member.client.post(
+        "/api/sweeps",
+        {
+            "name": "twenty",
+            # The grid appends --x=N; element N exits N % 3.
+            "base_command": "bash -c 'sleep 1; exit $(( ${1#--x=} % 3 ))' grid",
+            "parameters": {"x": list(range(20))},
+            "host": "slurm",
+            "slurm_array_throttle": 4,
+            "auto_start": True,
+        },
+        format="json",
+    )
+    assert response.status_code == 201, response.content
+    ids = {run["params"]["x"]: run["id"] for run in response.json()["runs"]}
+    first = wait_for(
+        lambda: Run.objects.get(pk=ids[0]).slurm_job_id, timeout=30, what="the array submitted"
+    )
+    array = first.split("_")[0]
+    most = 0
+
+    def all_ended() -> bool:
+        nonlocal most
+        running = slurm_cluster.run("squeue", "-h", "-r", "-t", "R,CG", "-j", array, "-o", "%i")
+        most = max(most, len(running.split()))
+        return Run.objects.filter(pk__in=ids.values(), status__in=TERMINAL).count() == 20
+
+    wait_for(all_ended, timeout=120, interval=0.1, what="the 20 runs to end")
+    assert 3 <= most <= 4, f"{most} elements ran at once"
+    for x, run_id in ids.items():
+        run = Run.objects.get(pk=run_id)
+        assert run.exit_code == x % 3, (x, run.exit_code, run.error)
+        assert run.status == ("finished" if x % 3 == 0 else "failed"), (x, run.status)
+        assert run.slurm_job_id.startswith(f"{array}_")
+    assert len({Run.objects.get(pk=i).slurm_job_id for i in ids.values()}) == 20
+    timed_out = ended(late, timeout=180)
+    assert (timed_out.status, timed_out.reason) == ("failed", "timeout"), (
+        timed_out.status,
+        timed_out.reason,
+        timed_out.error,
+    )
+    assert timed_out.slurm_state == "TIMEOUT"
+
+
+def test_slurmctld_restarted_while_a_job_runs_loses_nothing(
+    slurm_cluster: SlurmCluster, celery_worker: Any, member: Any
+) -> None:
+    detected(slurm_cluster)
+    run_id = create(member.client, command="sleep 8; echo survived")
+    wait_for(lambda: Run.objects.get(pk=run_id).status == "running", timeout=30, what="running")
+    slurm_cluster.restart_slurmctld()
+    run = ended(run_id, timeout=90)
+    assert (run.status, run.exit_code) == ("finished", 0), (run.status, run.error)
+    assert "survived" in member.client.get(f"/api/runs/{run_id}/logs").json()["content"]
+    assert RunEvent.objects.filter(run_id=run_id, reason="slurm_submitted").count() == 1

@@ -168,10 +168,11 @@ def gpu_report(q_gpu: "list[str]", q_apps: "list[str]") -> "dict[str, Any]":
 JOB_PREFIX = "labsite-"
 
 
-def squeue(conf: str) -> "dict[str, dict[str, str]]":
-    """One squeue for all of this user's jobs, finished ones too (until Slurm's MinJobAge):
-    Labsite's, by run id (their names are labsite-<run id>). Raises OSError or ValueError with
-    squeue's words when it does not answer."""
+def squeue(conf: str) -> "tuple[dict[str, dict[str, str]], dict[str, dict[str, str]]]":
+    """One squeue for all of this user's jobs, finished ones too (until Slurm's MinJobAge),
+    arrays one line per element: Labsite's by run id (their names are labsite-<run id>), and
+    every job by its id (an array's elements share its name: <array id>_<k>). Raises OSError or
+    ValueError with squeue's words when it does not answer."""
     import pwd
     import subprocess
 
@@ -182,7 +183,7 @@ def squeue(conf: str) -> "dict[str, dict[str, str]]":
     # The job name last: it is the one field a job's owner chooses freely.
     try:
         done = subprocess.run(
-            ["squeue", "-h", "-t", "all", "-u", user, "-o", "%i|%T|%P|%N|%r|%j"],
+            ["squeue", "-h", "-r", "-t", "all", "-u", user, "-o", "%i|%T|%P|%N|%r|%j"],
             capture_output=True,
             timeout=20,
             env=env,
@@ -193,6 +194,7 @@ def squeue(conf: str) -> "dict[str, dict[str, str]]":
     if done.returncode != 0:
         raise ValueError(done.stderr.decode(errors="replace").strip()[-300:] or "squeue failed")
     jobs: dict[str, dict[str, str]] = {}
+    by_id: dict[str, dict[str, str]] = {}
     for line in done.stdout.decode(errors="replace").splitlines():
         fields = line.strip().split("|", 5)
         if len(fields) != 6 or not fields[5].startswith(JOB_PREFIX):
@@ -204,12 +206,13 @@ def squeue(conf: str) -> "dict[str, dict[str, str]]":
             "nodes": fields[3],
             "reason": fields[4],
         }
+        by_id[job["job_id"]] = job
         run_id = fields[5][len(JOB_PREFIX) :]
         # A run resubmitted (requeued by Labsite) has several jobs: the newest counts.
         old = jobs.get(run_id)
         if old is None or _job_number(job["job_id"]) > _job_number(old["job_id"]):
             jobs[run_id] = job
-    return jobs
+    return jobs, by_id
 
 
 def sacct(conf: str, job_ids: "list[str]", since: str) -> "dict[str, dict[str, Any]]":
@@ -284,17 +287,26 @@ def report(req: "dict[str, Any]") -> "dict[str, Any]":
     }
     answer: dict[str, Any] = {"ok": 1, "runs": runs}
     if slurm is not None:
+        answer["slurm_calls"] = 1
         try:
-            jobs = squeue(slurm["conf"])
+            jobs, by_id = squeue(slurm["conf"])
         except (OSError, ValueError) as exc:
             answer.update(slurm_ok=False, slurm_error=str(exc))
         else:
             answer["slurm_ok"] = True
-            for run_id, rep in runs.items():
-                rep["slurm"] = jobs.get(run_id)
+            for r in req["runs"]:
+                job_id = r.get("job") or ""
+                # An array's element by its id; a run's own job by its name.
+                job = by_id.get(job_id) if "_" in job_id else jobs.get(r["id"])
+                runs[r["id"]]["slurm"] = job
             # Jobs that left squeue (past Slurm's MinJobAge): accounting has their end.
-            gone = {r["job"]: r["id"] for r in req["runs"] if r.get("job") and r["id"] not in jobs}
+            gone = {
+                r["job"]: r["id"]
+                for r in req["runs"]
+                if r.get("job") and not runs[r["id"]]["slurm"]
+            }
             if gone and slurm.get("sacct"):
+                answer["slurm_calls"] = 2
                 try:
                     ended = sacct(slurm["conf"], sorted(gone), slurm["since"])
                 except (OSError, ValueError) as exc:

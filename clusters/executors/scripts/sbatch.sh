@@ -27,12 +27,15 @@ if [[ ${P[wrapper_script]-} != *"# end of wrapper.sh%0A" ]]; then
   exit 1
 fi
 [ -n "$conf" ] && export SLURM_CONF="$conf"
-answer() { echo "LABSITE_JOB $1"; exit 0; }
+# How many Slurm commands this made, for the host's calls-per-minute figure.
+calls=0
+answer() { echo "LABSITE_CALLS $calls"; echo "LABSITE_JOB $1"; exit 0; }
 mkdir -p "$d" || { echo "LABSITE_ERROR cannot create the run directory"; exit 1; }
 [ -e "$d/cancelled" ] && { echo "LABSITE_CANCELLED"; exit 0; }
 job=''
 [ -s "$d/job_id" ] && read -r job < "$d/job_id" && [ -n "$job" ] && answer "$job"
 # Submitted before the job id was recorded: squeue knows the job by its name.
+calls=$((calls + 1))
 found=$(squeue -h -t all -n "$name" -o %i 2>&1) || { echo "LABSITE_ERROR squeue: ${found//$'\n'/ }"; exit 1; }
 read -r job <<<"$found"
 if [ -n "$job" ]; then
@@ -51,6 +54,7 @@ args=()
 if [[ -v "P[args]" ]]; then
   mapfile -d '' -t args < <(emit args)
 fi
+calls=$((calls + 1))
 out=$(sbatch --parsable --job-name="$name" --output="$d/slurm.out" --chdir="$d" \
   "${args[@]}" "$d/job.sbatch" 2>&1) || { echo "LABSITE_ERROR sbatch: ${out//$'\n'/ }"; exit 1; }
 job=${out%%;*}

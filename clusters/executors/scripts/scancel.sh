@@ -2,8 +2,9 @@
 # Cancels one run's Slurm job and answers LABSITE_CANCEL term_left=<n> left=<n> (n: the run's
 # jobs still in Slurm's queue, pending or running, at the end). Comes on stdin after its
 # parameters' line and params.sh, as cancel.sh. Parameters: dir (the run directory), name (the
-# job name), steps (how long to wait for the job to leave, in 0.1 s) and conf (SLURM_CONF, or
-# empty).
+# job name), job (its id, where known), steps (how long to wait for the job to leave, in 0.1
+# s) and conf (SLURM_CONF, or empty). An array's element is cancelled by its id, since all of
+# its array share one name.
 #
 # The `cancelled` marker comes first, so that a submission still on its way (sbatch.sh) starts
 # nothing; then scancel by name, which also reaches a job whose id was never recorded.
@@ -13,20 +14,38 @@ d=''
 name=''
 steps=''
 conf=''
+job=''
 if ! params || ! path d dir || ! value name name || ! value steps steps || ! value conf conf \
-  || ! [[ $steps =~ ^[0-9]+$ && $name =~ ^labsite-[A-Za-z0-9_-]+$ ]]; then
+  || ! value job job \
+  || ! [[ $steps =~ ^[0-9]+$ && $name =~ ^labsite-[A-Za-z0-9_-]+$ && $job =~ ^([0-9_]*)$ ]]; then
   echo "LABSITE_ERROR the cancel parameters are malformed"
   exit 1
 fi
 [ -n "$conf" ] && export SLURM_CONF="$conf"
 mkdir -p "$d" && : > "$d/cancelled"
-live() { squeue -h -n "$name" -t PD,CF,R,CG,S,ST,SI,RS,RQ,RH,SO -o %i 2>/dev/null | wc -l; }
-scancel -n "$name" 2>/dev/null
-first=$(live)
-for ((i = 0; i < steps; i++)); do
-  [ "$(live)" -eq 0 ] && break
+calls=0
+# An array's element has its own id (<array>_<k>) and shares its array's name: by id, then.
+which=(-n "$name")
+[[ $job == *_* ]] && which=(-j "$job")
+live() {
+  calls=$((calls + 1))
+  squeue -h -r "${which[@]}" -t PD,CF,R,CG,S,ST,SI,RS,RQ,RH,SO -o %i 2>/dev/null | wc -l
+}
+if [[ $job == *_* ]]; then
+  scancel "$job" 2>/dev/null
+else
+  scancel -n "$name" 2>/dev/null
+fi
+calls=1
+# Not in $(...): a subshell's count would not come back.
+live > "$d/.live"; read -r first < "$d/.live"
+left=$first
+for ((i = 0; i < steps && left > 0; i++)); do
   sleep 0.1
+  live > "$d/.live"; read -r left < "$d/.live"
 done
-echo "LABSITE_CANCEL term_left=$first left=$(live)"
+rm -f "$d/.live"
+echo "LABSITE_CALLS $calls"
+echo "LABSITE_CANCEL term_left=$first left=$left"
 exit 0
 }

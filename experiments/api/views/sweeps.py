@@ -66,6 +66,7 @@ class SweepViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Ge
             chat_session_id=v.get("chat_session_id") or "",
             plan=lookup(Plan, v.get("plan_id"), "Plan"),
             run_options=run_options(v),
+            slurm_array_throttle=v.get("slurm_array_throttle"),
         )
         return Response(self._out(sweep), status=status.HTTP_201_CREATED)
 
