@@ -66,12 +66,13 @@ def dispatch_later(run_id: str) -> None:
     transaction.on_commit(lambda: _dispatch_committed(run_id))
 
 
-def dispatch_in(run_id: str, seconds: float) -> None:
-    """Start a placed run on its host in `seconds` (a Slurm cluster's submissions are paced)."""
+def dispatch_in(run_id: str, seconds: float, *, reserved: bool = False) -> None:
+    """Start a placed run on its host in `seconds` (a Slurm cluster's submissions are paced:
+    `reserved`, the slot is the run's already)."""
     from labsite.celery import app
 
     try:
-        app.send_task(DISPATCH, args=(run_id,), countdown=seconds)
+        app.send_task(DISPATCH, args=(run_id,), kwargs={"reserved": reserved}, countdown=seconds)
     except Exception:  # noqa: BLE001 - the beat-driven passes repair anything missed here
         log.warning("could not enqueue %s(%r); the periodic pass will pick it up", DISPATCH, run_id)
 

@@ -133,8 +133,8 @@ def schedule(full: bool = False, cpu: bool = True, gpu: bool = True) -> None:
 
 
 @shared_task(name=jobs.DISPATCH, ignore_result=True)
-def dispatch_run(run_id: str) -> None:
-    runner.run_dispatch(run_id)
+def dispatch_run(run_id: str, reserved: bool = False) -> None:
+    runner.run_dispatch(run_id, reserved=reserved)
 
 
 def _recent_poll_key(host_id: int) -> str:

@@ -196,7 +196,7 @@ def sbatch_array_program() -> str:
 # is retried (TransportError), not failed.
 _SLURM_BUSY = re.compile(
     r"squeue:|Unable to contact slurm controller|Socket timed out|temporarily unable|"
-    r"Slurm controller not responding|Zero Bytes were transmitted",
+    r"Slurm controller not responding|Zero Bytes were transmitted|job submit limit|MaxSubmit",
     re.IGNORECASE,
 )
 
@@ -293,6 +293,9 @@ class SlurmExecutor(Executor):
             "bash", bash_script("scancel.sh", params), self.timeout + grace_seconds + 10
         )
         self.calls += protocol.parse_calls(result.stdout)
+        if "LABSITE_ERROR" in result.stdout:
+            # Slurm did not answer: nothing is known of the job, so it is not "gone".
+            raise TransportError(f"Slurm did not confirm the cancel: {result.stdout.strip()}")
         return protocol.parse_cancel(result.stdout)
 
 

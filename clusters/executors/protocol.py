@@ -360,14 +360,15 @@ def parse_calls(stdout: str) -> int:
 
 
 def parse_array(stdout: str, count: int) -> list[str]:
-    """sbatch_array.sh's job id for each of its `count` runs, in order."""
+    """sbatch_array.sh's job id for each of its `count` runs, in order ("" for one left out)."""
     jobs: dict[int, str] = {}
     for line in stdout.splitlines():
         if line.startswith("LABSITE_ERROR"):
             raise ProtocolError(line.removeprefix("LABSITE_ERROR").strip())
-        match = re.fullmatch(r"LABSITE_RUNJOB (\d+) ([0-9]+_[0-9]+|[0-9]+)", line.strip())
+        # No id: a run stopped while the array was on its way, left out of it.
+        match = re.fullmatch(r"LABSITE_RUNJOB (\d+) ?([0-9]+_[0-9]+|[0-9]+)?", line.strip())
         if match:
-            jobs[int(match.group(1))] = match.group(2)
+            jobs[int(match.group(1))] = match.group(2) or ""
     if sorted(jobs) != list(range(count)):
         raise ProtocolError(f"unexpected array answer: {_excerpt(stdout)}")
     return [jobs[i] for i in range(count)]

@@ -55,8 +55,9 @@ def launch_spec(run: Run, host: Host) -> LaunchSpec:
     )
 
 
-def run_dispatch(run_id: str) -> None:
-    """Start a launching run on its host; safe to run twice (the host keeps the first start)."""
+def run_dispatch(run_id: str, *, reserved: bool = False) -> None:
+    """Start a launching run on its host; safe to run twice (the host keeps the first start).
+    `reserved`: a Slurm submission whose slot in its cluster's pace is already taken."""
     began = time.time()
     found = _RUN_AND_HOST.instances(run_id)
     run = found[0] if found else None
@@ -75,7 +76,7 @@ def run_dispatch(run_id: str) -> None:
                 slurm.submit_array(run, run.host, executor, throttle, launch_spec)
                 return
             spec = replace(spec, sbatch_args=slurm.sbatch_args(run, run.host))
-            slurm.submit(run, run.host, executor, spec)
+            slurm.submit(run, run.host, executor, spec, reserved=reserved)
             return
         exec_began = time.time()
         pid = executor.launch(spec)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from datetime import UTC, datetime
 from typing import Any
 
@@ -77,8 +78,13 @@ def end_run(
     """The run's end, once per attempt. `started_at` (the wrapper's epoch stamp) stands in for
     a start no poll saw (a job that ran between two polls): its GPU-hours count from then."""
     fields: dict[str, Any] = {"exit_code": code, "error": message if to == RunStatus.FAILED else ""}
-    if run.started_at is None and started_at is not None:
-        fields["started_at"] = datetime.fromtimestamp(started_at, tz=UTC)
+    # The run's own directory holds that stamp, and its command could write anything there:
+    # only a time between its placement and now is taken.
+    now = datetime.now(tz=UTC)
+    if run.started_at is None and started_at is not None and math.isfinite(started_at):
+        low = run.launched_at.timestamp() - 60 if run.launched_at else 0.0
+        if low <= started_at <= now.timestamp():
+            fields["started_at"] = datetime.fromtimestamp(started_at, tz=UTC)
     return services.run_transition(
         run_id=run.id,
         to=to,

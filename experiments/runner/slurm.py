@@ -34,6 +34,7 @@ from experiments import jobs, services
 from experiments.actors import Actor
 from experiments.choices import RunReason, RunStatus
 from experiments.models import Run, Sweep
+from experiments.rundir import run_dir_name
 from experiments.runner.ending import end_run
 from labsite import buckets, locks
 
@@ -41,8 +42,6 @@ log = logging.getLogger(__name__)
 SYSTEM = Actor.system()
 # A placed run that Slurm does not show after this long lost its dispatch (as runner.sync).
 RESUBMIT_AFTER = timedelta(seconds=10)
-# How long an array's submission waits for the rest of its sweep to be placed.
-ARRAY_GATHER = timedelta(seconds=3)
 
 
 def sbatch_args(run: Run, host: Host) -> tuple[str, ...]:
@@ -64,10 +63,11 @@ def _redis() -> redis.Redis:
     return redis.Redis.from_url(settings.REDIS_URL)
 
 
-def submit(run: Run, host: Host, executor: SlurmExecutor, spec: LaunchSpec) -> None:
-    """Submit a launching run's job (once: sbatch.sh looks it up first) and record its id; paced
-    per cluster (LABSITE_SLURM_SUBMITS_PER_SECOND, _SUBMIT_BURST): one past the bucket is sent
-    again when a token will be there."""
+def _paced(run: Run, host: Host, reserved: bool) -> bool:
+    """Whether the submission may go now (LABSITE_SLURM_SUBMITS_PER_SECOND, _SUBMIT_BURST); if
+    not, it is sent again for the slot the bucket reserved for it."""
+    if reserved:
+        return True
     lab = settings.LABSITE
     try:
         wait = buckets.take(
@@ -78,10 +78,46 @@ def submit(run: Run, host: Host, executor: SlurmExecutor, spec: LaunchSpec) -> N
         )
     except redis.RedisError as exc:
         log.warning("submit of %s: no rate bucket (%s); submitting", run.id, exc)
-        wait = 0.0
+        return True
     if wait > 0:
-        jobs.dispatch_in(run.id, wait)
+        jobs.dispatch_in(run.id, wait, reserved=True)
+        return False
+    return True
+
+
+def _orphan(run: Run, host: Host, executor: SlurmExecutor, job: str) -> None:
+    """A job submitted for a run that left `launching` meanwhile (stopped while its submission
+    was on its way): nothing will follow it, so it is cancelled now."""
+    log.warning("run %s left launching while job %s was submitted: cancelling it", run.id, job)
+    try:
+        executor.cancel(
+            run_id=run.id,
+            run_root=host.run_root,
+            dir_name=run_dir_name(run),
+            grace_seconds=5.0,
+            job_id=job,
+        )
+    except (TransportError, ProtocolError) as exc:
+        log.error("cancel of run %s's job %s: %s", run.id, job, exc)
+    slurm_pacing.record_calls(host.pk, executor.calls)
+
+
+def submit(
+    run: Run, host: Host, executor: SlurmExecutor, spec: LaunchSpec, *, reserved: bool = False
+) -> None:
+    """Submit a launching run's job, once, and record its id: one dispatch at a time per run (a
+    Redis lock), and sbatch.sh looks the job up before it submits; paced per cluster."""
+    if not _paced(run, host, reserved):
         return
+    try:
+        with locks.try_hold(_redis(), f"labsite:slurm:submit:{run.id}") as held:
+            if held:
+                _submit(run, host, executor, spec)
+    except redis.RedisError as exc:
+        log.warning("submit of %s: no lock (%s); the reconcile pass retries", run.id, exc)
+
+
+def _submit(run: Run, host: Host, executor: SlurmExecutor, spec: LaunchSpec) -> None:
     try:
         job = executor.submit(spec)
     except TransportError as exc:
@@ -89,16 +125,7 @@ def submit(run: Run, host: Host, executor: SlurmExecutor, spec: LaunchSpec) -> N
         log.warning("submit of %s: %s (the reconcile pass retries)", run.id, exc)
         return
     except (ProtocolError, ValueError) as exc:
-        if services.run_transition(
-            run_id=run.id,
-            to=RunStatus.FAILED,
-            from_=[RunStatus.LAUNCHING],
-            actor=SYSTEM,
-            reason=RunReason.LAUNCH_ERROR,
-            message=str(exc),
-            fields={"error": str(exc)[:2000]},
-        ):
-            jobs.kick_scheduler()
+        _refused([run], exc)
         return
     slurm_pacing.record_calls(host.pk, executor.calls)
     slurm_pacing.reset(host.pk)  # its PENDING reason, and its start, come sooner
@@ -112,13 +139,31 @@ def submit(run: Run, host: Host, executor: SlurmExecutor, spec: LaunchSpec) -> N
             message="cancelled before it was submitted",
         )
         return
-    recorded = Run.objects.filter(
+    mine = Run.objects.filter(
         pk=run.id, status__in=[RunStatus.LAUNCHING, RunStatus.RUNNING], attempt=run.attempt
-    ).filter(~Q(slurm_job_id=job))
-    if recorded.update(slurm_job_id=job):
+    )
+    if mine.filter(~Q(slurm_job_id=job)).update(slurm_job_id=job):
         run.slurm_job_id = job
         services.run_event(run, actor=SYSTEM, reason="slurm_submitted", message=f"job {job}")
+    elif not mine.exists():
+        _orphan(run, host, executor, job)
+        return
     log.info("submit of %s: job %s on %s", run.id, job, host.name)
+
+
+def _refused(runs: list[Run], exc: Exception) -> None:
+    """Slurm refused the submission for good: the runs fail with its words (launch_error)."""
+    moved = services.runs_transition(
+        run_ids=[r.id for r in runs],
+        to=RunStatus.FAILED,
+        from_=[RunStatus.LAUNCHING],
+        actor=SYSTEM,
+        reason=RunReason.LAUNCH_ERROR,
+        message=str(exc),
+        fields={"error": str(exc)[:2000]},
+    )
+    if moved:
+        jobs.kick_scheduler()
 
 
 def array_throttle(run: Run) -> int | None:
@@ -140,72 +185,83 @@ def submit_array(
     """Submit the run with every other run of its sweep placed on this cluster and not yet
     submitted, as one job array (`--array=0-N%throttle`), and record each element's id. One
     dispatch at a time per sweep does it (a Redis lock); the others find their id recorded."""
-    client = _redis()
-    with locks.try_hold(client, f"labsite:slurm:array:{run.sweep_id}") as held:
-        if not held:
-            jobs.dispatch_in(run.id, 1.0)  # the holder is submitting: look again then
-            return
-        # Read before the runs: a sibling placed in between is then among them.
-        placing = Run.objects.filter(
-            sweep_id=run.sweep_id, host=host, status=RunStatus.QUEUED
-        ).exists()
-        runs = list(
-            Run.objects.filter(
-                sweep_id=run.sweep_id,
-                host=host,
-                status=RunStatus.LAUNCHING,
-                slurm_job_id="",
-                stop_requested_at__isnull=True,
-            )
-            .select_related("host")
-            .order_by("id")
+    try:
+        with locks.try_hold(_redis(), f"labsite:slurm:array:{run.sweep_id}") as held:
+            if not held:
+                jobs.dispatch_in(run.id, 1.0)  # the holder is submitting: look again then
+                return
+            _submit_array(run, host, executor, throttle, spec_of)
+    except redis.RedisError as exc:
+        log.warning("array submit of %s: no lock (%s); the reconcile pass retries", run.id, exc)
+
+
+def _submit_array(
+    run: Run,
+    host: Host,
+    executor: SlurmExecutor,
+    throttle: int,
+    spec_of: Callable[[Run, Host], LaunchSpec],
+) -> None:
+    # Read before the runs: a sibling placed in between is then among them.
+    placing = Run.objects.filter(sweep_id=run.sweep_id, host=host, status=RunStatus.QUEUED).exists()
+    runs = list(
+        Run.objects.filter(
+            sweep_id=run.sweep_id,
+            host=host,
+            status=RunStatus.LAUNCHING,
+            slurm_job_id="",
+            stop_requested_at__isnull=True,
         )
-        if not runs:
-            return  # submitted by another dispatch, or stopped
-        first = min((r.launched_at for r in runs if r.launched_at), default=None)
-        if placing and first is not None and timezone.now() - first < ARRAY_GATHER:
-            # The pass is still placing the sweep's runs (each placement commits, and sends its
-            # dispatch, on its own): wait for them, so that the sweep is one array under one
-            # throttle, not several arrays each allowed that many.
-            jobs.dispatch_in(run.id, 0.3)
-            return
-        specs = [replace(spec_of(r, host), sbatch_args=sbatch_args(r, host)) for r in runs]
-        digest = hashlib.sha256(",".join(r.id for r in runs).encode()).hexdigest()[:16]
-        root = host.run_root.rstrip("/")
-        try:
-            job_ids = executor.submit_array(
-                specs,
-                job_name=f"labsite-array-{digest}",
-                throttle=throttle,
-                list_path=f"{root}/.arrays/{digest}.list",
-            )
-        except TransportError as exc:
-            slurm_pacing.record_calls(host.pk, executor.calls)
-            log.warning("array submit of sweep %s: %s (retried)", run.sweep_id, exc)
-            return
-        except (ProtocolError, ValueError) as exc:
-            for r in runs:
-                services.run_transition(
-                    run_id=r.id,
-                    to=RunStatus.FAILED,
-                    from_=[RunStatus.LAUNCHING],
-                    actor=SYSTEM,
-                    reason=RunReason.LAUNCH_ERROR,
-                    message=str(exc),
-                    fields={"error": str(exc)[:2000]},
-                )
-            jobs.kick_scheduler()
-            return
+        .select_related("host")
+        .order_by("id")
+    )
+    if not runs:
+        return  # submitted by another dispatch, or stopped
+    first = min((r.launched_at for r in runs if r.launched_at), default=None)
+    gather = timedelta(seconds=float(settings.LABSITE["SCHEDULE_INTERVAL_SECONDS"]) + 1)
+    if placing and first is not None and timezone.now() - first < gather:
+        # The pass is still placing the sweep's runs (each placement commits, and sends its
+        # dispatch, on its own): wait for them, so that the sweep is one array under one
+        # throttle, not several arrays each allowed that many.
+        jobs.dispatch_in(run.id, 0.3)
+        return
+    # One array takes one set of sbatch options: the runs that ask what this one asks (a
+    # run added to the sweep with options of its own goes in an array of its own).
+    words = sbatch_args(run, host)
+    runs = [r for r in runs if sbatch_args(r, host) == words]
+    if not runs:
+        return
+    specs = [replace(spec_of(r, host), sbatch_args=words) for r in runs]
+    digest = hashlib.sha256(",".join(r.id for r in runs).encode()).hexdigest()[:16]
+    root = host.run_root.rstrip("/")
+    try:
+        job_ids = executor.submit_array(
+            specs,
+            job_name=f"labsite-array-{digest}",
+            throttle=throttle,
+            list_path=f"{root}/.arrays/{digest}.list",
+        )
+    except TransportError as exc:
         slurm_pacing.record_calls(host.pk, executor.calls)
-        slurm_pacing.reset(host.pk)
-        for r, job in zip(runs, job_ids, strict=True):
-            updated = Run.objects.filter(
-                pk=r.id, status=RunStatus.LAUNCHING, attempt=r.attempt, slurm_job_id=""
-            ).update(slurm_job_id=job)
-            if updated:
-                services.run_event(
-                    r, actor=SYSTEM, reason="slurm_submitted", message=f"job {job} (array)"
-                )
+        log.warning("array submit of sweep %s: %s (retried)", run.sweep_id, exc)
+        return
+    except (ProtocolError, ValueError) as exc:
+        _refused(runs, exc)
+        return
+    slurm_pacing.record_calls(host.pk, executor.calls)
+    slurm_pacing.reset(host.pk)
+    for r, job in zip(runs, job_ids, strict=True):
+        if not job:
+            continue  # stopped while the array was on its way: left out of it
+        updated = Run.objects.filter(
+            pk=r.id, status=RunStatus.LAUNCHING, attempt=r.attempt, slurm_job_id=""
+        ).update(slurm_job_id=job)
+        if updated:
+            services.run_event(
+                r, actor=SYSTEM, reason="slurm_submitted", message=f"job {job} (array)"
+            )
+        elif not Run.objects.filter(pk=r.id, slurm_job_id=job).exists():
+            _orphan(r, host, executor, job)
     log.info("array submit of sweep %s: %d run(s) on %s", run.sweep_id, len(runs), host.name)
 
 

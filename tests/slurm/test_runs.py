@@ -60,6 +60,8 @@ def test_runs_become_jobs_with_their_resources_and_end_as_slurm_says(
         slurm={"time": "5"},
     )
     bad = create(member.client, command="echo failing; exit 3", slurm={"partition": "short"})
+    # Slurm itself refuses it (no node has the feature): the run fails with Slurm's words.
+    refused = create(member.client, command="true", slurm={"constraint": "nosuchfeature"})
     run = ended(ok)
     assert (run.status, run.exit_code, run.slurm_state) == ("finished", 0, "COMPLETED"), (
         run.status,
@@ -78,6 +80,9 @@ def test_runs_become_jobs_with_their_resources_and_end_as_slurm_says(
     assert "Partition=short" in job_fields(slurm_cluster, failed.slurm_job_id)
     # The cluster's default walltime, never UNLIMITED: the short partition's 10 minutes.
     assert "TimeLimit=00:10:00" in job_fields(slurm_cluster, failed.slurm_job_id)
+    no = ended(refused)
+    assert (no.status, no.reason) == ("failed", "launch_error"), (no.status, no.error)
+    assert "sbatch:" in no.error and not no.slurm_job_id, no.error
     # Two submissions (a lookup and an sbatch each) and the polls, counted on the host.
     shown = member.client.get("/api/hosts/slurm").json()
     assert shown["slurm_calls_per_minute"] >= 5, shown

@@ -306,7 +306,10 @@ def test_a_requeued_job_waits_again_and_a_stop_on_its_way_is_sent_again(placed, 
 
 
 def test_a_job_no_poll_saw_running_still_counts_its_gpu_hours(placed):
-    run = placed
+    from datetime import timedelta
+
+    Run.objects.filter(pk=placed.pk).update(launched_at=timezone.now() - timedelta(hours=2))
+    run = Run.objects.get(pk=placed.pk)
     began = timezone.now().timestamp() - 3600
     done = SlurmJob("41", "COMPLETED", "gpu", "n3", "None")
     rep = RunReport(state="exited", exit_code=0, started_at=began, slurm=done, slurm_polled=True)
@@ -330,3 +333,16 @@ def test_an_admin_sets_a_slurm_hosts_defaults_and_bad_ones_are_refused(cluster, 
     # The defaults are checked with each run: time above the default partition's MaxTime.
     refused = post(member, host="slurm", slurm={"time": "30"})
     assert refused.status_code == 400 and b"MaxTime" in refused.content
+
+
+def test_a_start_stamp_a_command_could_forge_is_taken_only_when_plausible(placed):
+    done = SlurmJob("41", "COMPLETED", "gpu", "n3", "None")
+    for forged in (float("nan"), float("inf"), 1e20, -5.0):
+        run = Run.objects.get(pk=placed.pk)
+        rep = RunReport(
+            state="exited", exit_code=0, started_at=forged, slurm=done, slurm_polled=True
+        )
+        assert runner_slurm.apply(run, rep, complete=True, cancelled=False) is True
+        run.refresh_from_db()
+        assert run.status == "finished" and run.started_at is None, forged
+        Run.objects.filter(pk=run.pk).update(status="launching", ended_at=None)

@@ -168,34 +168,39 @@ def gpu_report(q_gpu: "list[str]", q_apps: "list[str]") -> "dict[str, Any]":
 JOB_PREFIX = "labsite-"
 
 
+def slurm_command(argv: "list[str]", conf: str) -> str:
+    """A Slurm client command's output (SLURM_CONF set where given); ValueError with its words
+    when it fails or does not answer within 20 s."""
+    import subprocess
+
+    env = dict(os.environ)
+    if conf:
+        env["SLURM_CONF"] = conf
+    try:
+        done = subprocess.run(argv, capture_output=True, timeout=20, env=env, check=False)
+    except subprocess.TimeoutExpired as exc:
+        raise ValueError(f"{argv[0]} did not answer within 20 s") from exc
+    if done.returncode != 0:
+        words = done.stderr.decode(errors="replace").strip()[-300:]
+        raise ValueError(words or f"{argv[0]} failed")
+    return done.stdout.decode(errors="replace")
+
+
 def squeue(conf: str) -> "tuple[dict[str, dict[str, str]], dict[str, dict[str, str]]]":
     """One squeue for all of this user's jobs, finished ones too (until Slurm's MinJobAge),
     arrays one line per element: Labsite's by run id (their names are labsite-<run id>), and
     every job by its id (an array's elements share its name: <array id>_<k>). Raises OSError or
     ValueError with squeue's words when it does not answer."""
     import pwd
-    import subprocess
 
-    env = dict(os.environ)
-    if conf:
-        env["SLURM_CONF"] = conf
     user = pwd.getpwuid(os.getuid()).pw_name
     # The job name last: it is the one field a job's owner chooses freely.
-    try:
-        done = subprocess.run(
-            ["squeue", "-h", "-r", "-t", "all", "-u", user, "-o", "%i|%T|%P|%N|%r|%j"],
-            capture_output=True,
-            timeout=20,
-            env=env,
-            check=False,
-        )
-    except subprocess.TimeoutExpired as exc:
-        raise ValueError("squeue did not answer within 20 s") from exc
-    if done.returncode != 0:
-        raise ValueError(done.stderr.decode(errors="replace").strip()[-300:] or "squeue failed")
+    out = slurm_command(
+        ["squeue", "-h", "-r", "-t", "all", "-u", user, "-o", "%i|%T|%P|%N|%r|%j"], conf
+    )
     jobs: dict[str, dict[str, str]] = {}
     by_id: dict[str, dict[str, str]] = {}
-    for line in done.stdout.decode(errors="replace").splitlines():
+    for line in out.splitlines():
         fields = line.strip().split("|", 5)
         if len(fields) != 6 or not fields[5].startswith(JOB_PREFIX):
             continue
@@ -219,36 +224,11 @@ def sacct(conf: str, job_ids: "list[str]", since: str) -> "dict[str, dict[str, A
     """One sacct for jobs that left squeue: by job id, their final state, exit code, nodes and
     who cancelled them. Raises ValueError with sacct's words when it does not answer."""
     import pwd
-    import subprocess
 
-    env = dict(os.environ)
-    if conf:
-        env["SLURM_CONF"] = conf
-    try:
-        done = subprocess.run(
-            [
-                "sacct",
-                "--parsable2",
-                "-n",
-                "-X",
-                "-S",
-                since,
-                "-j",
-                ",".join(job_ids),
-                "-o",
-                "JobID,State,ExitCode,NodeList,Partition",
-            ],
-            capture_output=True,
-            timeout=20,
-            env=env,
-            check=False,
-        )
-    except subprocess.TimeoutExpired as exc:
-        raise ValueError("sacct did not answer within 20 s") from exc
-    if done.returncode != 0:
-        raise ValueError(done.stderr.decode(errors="replace").strip()[-300:] or "sacct failed")
+    argv = ["sacct", "--parsable2", "-n", "-X", "-S", since, "-j", ",".join(job_ids)]
+    out = slurm_command([*argv, "-o", "JobID,State,ExitCode,NodeList,Partition"], conf)
     found: dict[str, dict[str, Any]] = {}
-    for line in done.stdout.decode(errors="replace").splitlines():
+    for line in out.splitlines():
         fields = line.strip().split("|")
         if len(fields) != 5:
             continue

@@ -36,8 +36,13 @@ job=''
 [ -s "$d/job_id" ] && read -r job < "$d/job_id" && [ -n "$job" ] && answer "$job"
 # Submitted before the job id was recorded: squeue knows the job by its name.
 calls=$((calls + 1))
-found=$(squeue -h -t all -n "$name" -o %i 2>&1) || { echo "LABSITE_ERROR squeue: ${found//$'\n'/ }"; exit 1; }
-read -r job <<<"$found"
+# stderr apart: Slurm prints warnings there even when it succeeds; ids are stdout's lines.
+found=$(squeue -h -t all -n "$name" -o %i 2>"$d/.slurm.err") \
+  || { echo "LABSITE_ERROR squeue: $(tr '\n' ' ' < "$d/.slurm.err")"; exit 1; }
+job=''
+while read -r line; do
+  [[ $line =~ ^[0-9]+(_[0-9]+)?$ ]] && { job=$line; break; }
+done <<<"$found"
 if [ -n "$job" ]; then
   echo "$job" > "$d/job_id"
   answer "$job"
@@ -54,12 +59,25 @@ args=()
 if [[ -v "P[args]" ]]; then
   mapfile -d '' -t args < <(emit args)
 fi
+# A stop that came while this was on its way: nothing is submitted.
+[ -e "$d/cancelled" ] && { echo "LABSITE_CANCELLED"; exit 0; }
 calls=$((calls + 1))
 out=$(sbatch --parsable --job-name="$name" --output="$d/slurm.out" --chdir="$d" \
-  "${args[@]}" "$d/job.sbatch" 2>&1) || { echo "LABSITE_ERROR sbatch: ${out//$'\n'/ }"; exit 1; }
-job=${out%%;*}
-job=${job%%$'\n'*}
-[[ $job =~ ^[0-9]+(_[0-9]+)?$ ]] || { echo "LABSITE_ERROR sbatch answered ${out//$'\n'/ }"; exit 1; }
+  "${args[@]}" "$d/job.sbatch" 2>"$d/.slurm.err") \
+  || { echo "LABSITE_ERROR sbatch: $(tr '\n' ' ' < "$d/.slurm.err")"; exit 1; }
+job=''
+while read -r line; do
+  [[ ${line%%;*} =~ ^[0-9]+$ ]] && job=${line%%;*}
+done <<<"$out"
+# Taken (exit 0) but no id on stdout: look it up by name, as a retry would.
+if [ -z "$job" ]; then
+  calls=$((calls + 1))
+  found=$(squeue -h -t all -n "$name" -o %i 2>/dev/null) || found=''
+  while read -r line; do
+    [[ $line =~ ^[0-9]+$ ]] && { job=$line; break; }
+  done <<<"$found"
+fi
+[ -n "$job" ] || { echo "LABSITE_ERROR sbatch gave no job id: $(tr '\n' ' ' <<<"$out")"; exit 1; }
 echo "$job" > "$d/job_id"
 answer "$job"
 }; exit

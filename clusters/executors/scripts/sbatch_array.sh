@@ -64,14 +64,26 @@ mkdir -p "${list%/*}" || { echo "LABSITE_ERROR cannot create the array's directo
 job=''
 [ -s "$list.job" ] && read -r job < "$list.job" && [ -n "$job" ] && { record "$job"; answer; }
 calls=$((calls + 1))
-found=$(squeue -h -t all -n "$name" -o %F 2>&1) || { echo "LABSITE_ERROR squeue: ${found//$'\n'/ }"; exit 1; }
-read -r job <<<"$found"
+# stderr apart: Slurm prints warnings there even when it succeeds; ids are stdout's lines.
+found=$(squeue -h -t all -n "$name" -o %F 2>"$list.err") \
+  || { echo "LABSITE_ERROR squeue: $(tr '\n' ' ' < "$list.err")"; exit 1; }
+job=''
+while read -r line; do
+  [[ $line =~ ^[0-9]+$ ]] && { job=$line; break; }
+done <<<"$found"
 if [ -n "$job" ]; then
   echo "$job" > "$list.job"
   record "$job"
   answer
 fi
 : > "$list.tmp" || { echo "LABSITE_ERROR cannot write the array's list"; exit 1; }
+kept=()
+for i in "${new[@]}"; do
+  # A run stopped while this was on its way is left out.
+  [ -e "${dirs[i]}/cancelled" ] || kept+=("$i")
+done
+new=("${kept[@]}")
+[ "${#new[@]}" -gt 0 ] || answer
 for i in "${new[@]}"; do
   d=${dirs[i]}
   mkdir -p "$d" && emit "command_$i" > "$d/command.sh" && emit "wrapper_$i" > "$d/params" \
@@ -90,10 +102,13 @@ if [[ -v "P[args]" ]]; then
 fi
 calls=$((calls + 1))
 out=$(sbatch --parsable --job-name="$name" --output="$list-%a.out" --chdir="${list%/*}" \
-  --array="0-$((${#new[@]} - 1))%$throttle" "${args[@]}" "$list.sbatch" 2>&1) || { echo "LABSITE_ERROR sbatch: ${out//$'\n'/ }"; exit 1; }
-job=${out%%;*}
-job=${job%%$'\n'*}
-[[ $job =~ ^[0-9]+$ ]] || { echo "LABSITE_ERROR sbatch answered ${out//$'\n'/ }"; exit 1; }
+  --array="0-$((${#new[@]} - 1))%$throttle" "${args[@]}" "$list.sbatch" 2>"$list.err") \
+  || { echo "LABSITE_ERROR sbatch: $(tr '\n' ' ' < "$list.err")"; exit 1; }
+job=''
+while read -r line; do
+  [[ ${line%%;*} =~ ^[0-9]+$ ]] && job=${line%%;*}
+done <<<"$out"
+[ -n "$job" ] || { echo "LABSITE_ERROR sbatch gave no job id: $(tr '\n' ' ' <<<"$out")"; exit 1; }
 echo "$job" > "$list.job"
 record "$job"
 answer

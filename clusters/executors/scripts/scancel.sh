@@ -25,24 +25,34 @@ fi
 mkdir -p "$d" && : > "$d/cancelled"
 calls=0
 # An array's element has its own id (<array>_<k>) and shares its array's name: by id, then.
+# A job id recorded in the run directory but not yet known to the server is one too.
+[ -z "$job" ] && [ -s "$d/job_id" ] && read -r job < "$d/job_id"
+[[ $job =~ ^[0-9_]*$ ]] || job=''
 which=(-n "$name")
 [[ $job == *_* ]] && which=(-j "$job")
+# Slurm not answering is not "nothing left": it is said, and the cancel is tried again.
 live() {
   calls=$((calls + 1))
-  squeue -h -r "${which[@]}" -t PD,CF,R,CG,S,ST,SI,RS,RQ,RH,SO -o %i 2>/dev/null | wc -l
+  local out
+  out=$(squeue -h -r "${which[@]}" -t PD,CF,R,CG,S,ST,SI,RS,RQ,RH,SO -o %i 2>/dev/null) \
+    || { echo "LABSITE_ERROR squeue did not answer"; return 1; }
+  [ -z "$out" ] && { echo 0; return; }
+  wc -l <<<"$out"
 }
 if [[ $job == *_* ]]; then
-  scancel "$job" 2>/dev/null
+  scancel "$job" 2>/dev/null || { echo "LABSITE_ERROR scancel $job failed"; exit 1; }
 else
-  scancel -n "$name" 2>/dev/null
+  scancel -n "$name" 2>/dev/null || { echo "LABSITE_ERROR scancel -n $name failed"; exit 1; }
 fi
 calls=1
 # Not in $(...): a subshell's count would not come back.
-live > "$d/.live"; read -r first < "$d/.live"
+live > "$d/.live" || { cat "$d/.live"; exit 1; }
+read -r first < "$d/.live"
 left=$first
 for ((i = 0; i < steps && left > 0; i++)); do
   sleep 0.1
-  live > "$d/.live"; read -r left < "$d/.live"
+  live > "$d/.live" || { cat "$d/.live"; exit 1; }
+  read -r left < "$d/.live"
 done
 rm -f "$d/.live"
 echo "LABSITE_CALLS $calls"

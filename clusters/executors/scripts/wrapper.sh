@@ -22,10 +22,12 @@ exec 3>&-
 
 # After exit_code, one line in the host's events file wakes the watcher (watch.sh); a line
 # under PIPE_BUF appended with O_APPEND never interleaves with another run's.
+# It exits with the command's code too: a Slurm job's state and sacct's ExitCode then say
+# what the command did (nothing else reads the wrapper's own status).
 finish() {
   printf '%s\n' "$1" > "$d/exit_code.tmp" && mv -f "$d/exit_code.tmp" "$d/exit_code"
   printf '%s\n' "${d##*/}" >> "${d%/*}/.events" 2>/dev/null
-  exit 0
+  exit "$1"
 }
 say() { echo "labsite: $*" >> "$d/output.log"; }
 
