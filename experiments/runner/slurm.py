@@ -312,8 +312,7 @@ def apply(run: Run, report: RunReport, *, complete: bool, cancelled: bool) -> bo
     if not complete:
         return False  # copy the whole log first
     if run.stop_requested_at is not None:
-        if not cancelled and job.state != "CANCELLED":
-            return False
+        # Asked to stop, and Slurm says the job is over (cancelled, or it ended first).
         return end_run(
             run,
             RunStatus.STOPPED,

@@ -346,3 +346,13 @@ def test_a_start_stamp_a_command_could_forge_is_taken_only_when_plausible(placed
         run.refresh_from_db()
         assert run.status == "finished" and run.started_at is None, forged
         Run.objects.filter(pk=run.pk).update(status="launching", ended_at=None)
+
+
+def test_a_run_asked_to_stop_whose_job_ended_first_is_stopped(placed):
+    Run.objects.filter(pk=placed.pk).update(stop_requested_at=timezone.now())
+    run = Run.objects.get(pk=placed.pk)
+    done = SlurmJob("41", "COMPLETED", "gpu", "n3", "None")
+    rep = RunReport(state="exited", exit_code=0, slurm=done, slurm_polled=True)
+    assert runner_slurm.apply(run, rep, complete=True, cancelled=False) is True
+    run.refresh_from_db()
+    assert (run.status, run.reason, run.exit_code) == ("stopped", "user_stop", 0)
