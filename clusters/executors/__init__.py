@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from functools import cache
 from importlib import resources
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from clusters.choices import HostKind, HostState
 from clusters.executors import protocol
@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from clusters.models import Host
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 __all__ = [
     "WATCH_ALIVE",
@@ -109,7 +110,13 @@ def launch_program() -> str:
 
 def launch_input(spec: LaunchSpec) -> str:
     """A launch's stdin: its parameters (see scripts/launch.sh), wrapper.sh among them."""
-    params = protocol.launch_params(spec) | {"wrapper_script": source("wrapper.sh").encode()}
+    return stdin_with_wrapper(protocol.launch_params(spec))
+
+
+def stdin_with_wrapper(params: Mapping[str, bytes]) -> str:
+    """The whole stdin of a script that starts runs (launch.sh, sbatch.sh, sbatch_array.sh):
+    its parameters' base64, with wrapper.sh as `wrapper_script`."""
+    params = {**params, "wrapper_script": source("wrapper.sh").encode()}
     return protocol.bash_params_line(params).removeprefix(protocol.PARAMS_ASSIGNMENT)
 
 
@@ -217,16 +224,8 @@ class SlurmExecutor(Executor):
     def submit(self, spec: LaunchSpec) -> str | None:
         """Submit the run as a job, once; its job id (None: cancelled before it was)."""
         params = protocol.sbatch_params(spec, job_name=job_name(spec.run_id), conf=self.conf)
-        params["wrapper_script"] = source("wrapper.sh").encode()
-        stdin = protocol.bash_params_line(params).removeprefix(protocol.PARAMS_ASSIGNMENT)
-        result = self.transport.run("bash", stdin, self.timeout, program=sbatch_program())
-        self.calls += protocol.parse_calls(result.stdout)
-        try:
-            return protocol.parse_submit(result.stdout + "\n" + result.stderr)
-        except ProtocolError as exc:
-            if _SLURM_BUSY.search(str(exc)):
-                raise TransportError(f"Slurm did not take the job now: {exc}") from exc
-            raise
+        answer = self._submission(sbatch_program(), params, self.timeout)
+        return self._busy_is_transient(protocol.parse_submit, answer)
 
     def submit_array(
         self, specs: list[LaunchSpec], *, job_name: str, throttle: int, list_path: str
@@ -236,17 +235,25 @@ class SlurmExecutor(Executor):
         params = protocol.sbatch_array_params(
             specs, job_name=job_name, conf=self.conf, throttle=throttle, list_path=list_path
         )
-        params["wrapper_script"] = source("wrapper.sh").encode()
-        stdin = protocol.bash_params_line(params).removeprefix(protocol.PARAMS_ASSIGNMENT)
-        result = self.transport.run(
-            "bash", stdin, self.timeout + len(specs) * 0.05, program=sbatch_array_program()
-        )
+        timeout = self.timeout + len(specs) * 0.05
+        answer = self._submission(sbatch_array_program(), params, timeout)
+        return self._busy_is_transient(lambda text: protocol.parse_array(text, len(specs)), answer)
+
+    def _submission(self, program: str, params: Mapping[str, bytes], timeout: float) -> str:
+        """Run a submitting script (its answer, stdout then stderr), counting its Slurm calls."""
+        result = self.transport.run("bash", stdin_with_wrapper(params), timeout, program=program)
         self.calls += protocol.parse_calls(result.stdout)
+        return result.stdout + "\n" + result.stderr
+
+    @staticmethod
+    def _busy_is_transient(parse: Callable[[str], T], answer: str) -> T:
+        """The parsed answer; Slurm's "not now" (a controller away, a submit limit) is a
+        TransportError, retried, rather than a refusal that fails the run."""
         try:
-            return protocol.parse_array(result.stdout + "\n" + result.stderr, len(specs))
+            return parse(answer)
         except ProtocolError as exc:
             if _SLURM_BUSY.search(str(exc)):
-                raise TransportError(f"Slurm did not take the array now: {exc}") from exc
+                raise TransportError(f"Slurm did not take it now: {exc}") from exc
             raise
 
     def launch(self, spec: LaunchSpec) -> int | None:

@@ -69,15 +69,15 @@ def run_dispatch(run_id: str, *, reserved: bool = False) -> None:
         return
     Run.objects.filter(pk=run_id).update(dispatch_attempts=F("dispatch_attempts") + 1)
     try:
-        spec = launch_spec(run, run.host)
         executor = executor_for(run.host)
         if isinstance(executor, SlurmExecutor):
             if throttle := slurm.array_throttle(run):
                 slurm.submit_array(run, run.host, executor, throttle, launch_spec)
                 return
-            spec = replace(spec, sbatch_args=slurm.sbatch_args(run, run.host))
+            spec = replace(launch_spec(run, run.host), sbatch_args=slurm.sbatch_args(run, run.host))
             slurm.submit(run, run.host, executor, spec, reserved=reserved)
             return
+        spec = launch_spec(run, run.host)
         exec_began = time.time()
         pid = executor.launch(spec)
         exec_ms = (time.time() - exec_began) * 1000
