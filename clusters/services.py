@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import subprocess
 from typing import Any
 
 from django.conf import settings
@@ -14,8 +13,15 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from clusters import gpus as gpu_lib
-from clusters import localuser, signals, slurm
+from clusters import localuser, signals, slurm_pacing
 from clusters.choices import GpuSource, HostKind, HostState
+from clusters.executors import (
+    LocalTransport,
+    ProtocolError,
+    SlurmExecutor,
+    SshTransport,
+    TransportError,
+)
 from clusters.models import Gpu, Host
 
 log = logging.getLogger(__name__)
@@ -241,32 +247,24 @@ def host_check_run_user_reach(host: Host) -> None:
 
 
 def slurm_detect() -> Host | None:
-    """Ask the local `sinfo`; when it answers, keep the cluster as the host `slurm`, with its
-    partitions, nodes, GRES, MaxTime and version (clusters.slurm.parse_sinfo), and the client
-    configuration this server's Slurm commands use (SLURM_CONF), which its runs' use too."""
-    exe = shutil.which("sinfo")
-    if exe is None:
+    """Ask this machine's `sinfo` (as the run user, whose commands submit the runs); when it
+    answers, keep the cluster as the host `slurm`, with its partitions, nodes, GRES, MaxTime,
+    version and accounting (clusters.slurm.detection_facts), and the client configuration
+    this server's Slurm commands use (SLURM_CONF), which its runs' use too. A host named
+    `slurm` that is not this machine's (an admin's login node over SSH) is left alone."""
+    if shutil.which("sinfo") is None:
         return None
-    timeout = settings.LABSITE["SINFO_TIMEOUT_SECONDS"]
+    existing = Host.objects.filter(name=SLURM_HOST_NAME).first()
+    if existing is not None and not is_local_slurm(existing):
+        log.info("host %s is not this machine's Slurm: local detection leaves it", existing.name)
+        return None
+    conf = os.environ.get("SLURM_CONF", "")
     try:
-        out = subprocess.run(
-            [exe, "-h", "-N", "-o", slurm.SINFO_FORMAT],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=True,
-        ).stdout
-        version = subprocess.run(
-            [exe, "--version"], capture_output=True, text=True, timeout=timeout, check=False
-        ).stdout
-    except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError) as exc:
+        facts = _slurm_executor(conf=conf).detect()
+    except (TransportError, ProtocolError) as exc:
         log.info("sinfo did not answer: %s", exc)
         return None
-    facts = slurm.parse_sinfo(out) | {
-        "version": slurm.parse_version(version),
-        "slurm_conf": os.environ.get("SLURM_CONF", ""),
-        "accounting": _sacct_answers(timeout),
-    }
+    now = timezone.now()
     host, _ = Host.objects.update_or_create(
         name=SLURM_HOST_NAME,
         defaults={
@@ -274,30 +272,56 @@ def slurm_detect() -> Host | None:
             "hostname": "localhost",
             "port": 22,
             "state": HostState.ONLINE,
+            "state_note": "",
             "gpu_source": GpuSource.SLURM,
-            "facts": facts,
-            "last_seen_at": timezone.now(),
-            "inventory_at": timezone.now(),
+            "facts": {**facts, "slurm_conf": conf},
+            "last_seen_at": now,
+            "inventory_at": now,
         },
     )
     return host
 
 
-def _sacct_answers(timeout: float) -> bool:
-    """Whether the cluster keeps accounting (sacct exits 1 where its storage is disabled)."""
-    exe = shutil.which("sacct")
-    if exe is None:
-        return False
+def is_local_slurm(host: Host) -> bool:
+    """A Slurm host whose login node is this machine (its commands run here, as the run user)."""
+    return host.kind == HostKind.SLURM and host.hostname in ("", "localhost")
+
+
+def _slurm_executor(*, conf: str, host: Host | None = None) -> SlurmExecutor:
+    timeout = float(settings.LABSITE["SINFO_TIMEOUT_SECONDS"])
+    if host is None or is_local_slurm(host):
+        transport: LocalTransport | SshTransport = LocalTransport(localuser.run_user())
+    else:
+        transport = SshTransport.for_host(host)
+    return SlurmExecutor(transport, conf=conf, timeout=timeout)
+
+
+def _slurm_redetect(host: Host, now: Any) -> tuple[Host, str]:
+    """A Slurm host's probe: detect its cluster again through its login node (this machine, or
+    over SSH once its key is pinned); a login node whose Slurm does not answer is offline,
+    with Slurm's words."""
+    conf = str((host.facts or {}).get("slurm_conf") or "")
+    executor = _slurm_executor(conf=conf, host=host)
     try:
-        done = subprocess.run(
-            [exe, "-n", "-X", "-S", "now", "-o", "JobID"],
-            capture_output=True,
-            timeout=timeout,
-            check=False,
+        facts = executor.detect()
+    except (TransportError, ProtocolError) as exc:
+        Host.objects.filter(pk=host.pk).exclude(state=HostState.KEY_MISMATCH).update(
+            state=HostState.OFFLINE, state_note=f"Slurm did not answer: {exc}"[:500]
         )
-    except (subprocess.TimeoutExpired, OSError):
-        return False
-    return done.returncode == 0
+        host.refresh_from_db()
+        return host, host.state
+    finally:
+        slurm_pacing.record_calls(host.pk, executor.calls)
+    Host.objects.filter(pk=host.pk).exclude(state=HostState.KEY_MISMATCH).update(
+        state=HostState.ONLINE,
+        state_note="",
+        gpu_source=GpuSource.SLURM,
+        facts={**facts, "slurm_conf": conf},
+        last_seen_at=now,
+        inventory_at=now,
+    )
+    host.refresh_from_db()
+    return host, host.state
 
 
 def gpu_policy_for(host: Host) -> gpu_lib.GpuPolicy:
@@ -369,6 +393,8 @@ def _probe(host: Host, now: Any) -> tuple[Host, str]:
         )
         host.refresh_from_db()
         return host, HostState.ONLINE
+    if is_local_slurm(host):
+        return _slurm_redetect(host, now)
     target = executors.SshTransport.for_host(host).target
     try:
         seen = executors.probe(target)
@@ -388,6 +414,8 @@ def _probe(host: Host, now: Any) -> tuple[Host, str]:
         state=HostState.ONLINE, state_note="", last_seen_at=now
     )
     host.refresh_from_db()
+    if host.kind == HostKind.SLURM and host.state == HostState.ONLINE:
+        return _slurm_redetect(host, now)
     return host, host.state
 
 

@@ -266,6 +266,12 @@ def parse_version(text: str) -> str:
     return match.group(1) if match else ""
 
 
+def detection_facts(sinfo: str, version: str, *, accounting: bool) -> dict[str, Any]:
+    """A Slurm host's facts from what its login node said: parse_sinfo's summary, the version
+    (parse_version) and whether accounting answers."""
+    return parse_sinfo(sinfo) | {"version": parse_version(version), "accounting": accounting}
+
+
 # --- job states -------------------------------------------------------------------------
 
 WAITING_STATES = frozenset(
@@ -285,10 +291,34 @@ class Ending:
     message: str
 
 
-def ending(state: str, *, exit_code: int | None, nodes: str = "", by: str = "") -> Ending | None:
+# slurmstepd's words for a job killed over its memory: jobacct_gather's OverMemoryKill
+# ("Exceeded job memory limit"), the cgroup plugin's OOM killer ("Detected 1 oom-kill
+# event(s)"). Where they say so, a FAILED or CANCELLED job ran out of host memory.
+_MEMORY_KILLED = re.compile(
+    r"exceeded (?:job |step )?memory limit|oom-kill event|out-of-memory handler", re.IGNORECASE
+)
+
+
+def memory_note(notes: str) -> str:
+    """slurmstepd's line that says the job was killed over its memory ("" when none does)."""
+    for line in notes.splitlines():
+        if _MEMORY_KILLED.search(line):
+            return re.sub(r"^slurmstepd(?:-[^:]*)?:\s*(?:error:\s*)?", "", line.strip())[:300]
+    return ""
+
+
+def ending(
+    state: str, *, exit_code: int | None, nodes: str = "", by: str = "", notes: str = ""
+) -> Ending | None:
     """The run's end for a terminal Slurm state; None for a state that is not terminal, or
-    unknown (never taken as success: the run stays as it is until Slurm says more)."""
+    unknown (never taken as success: the run stays as it is until Slurm says more). `notes`
+    are slurmstepd's lines from the job's output: a job they say was killed over its memory
+    failed with reason oom, whatever state the cluster's memory plugin left it in."""
     on = f" on {nodes}" if nodes else ""
+    memory = memory_note(notes)
+    failed = state in ("FAILED", "CANCELLED") or (state == "COMPLETED" and exit_code != 0)
+    if memory and failed:
+        return Ending("failed", "oom", f"Slurm: {state}, over its memory{on}: {memory}")
     if state == "COMPLETED":
         if exit_code in (0, None):
             return Ending("finished", "", "Slurm: COMPLETED")

@@ -14,6 +14,8 @@ from celery import shared_task
 from django.db import transaction
 
 from clusters import services
+from clusters.choices import HostKind
+from clusters.models import Host
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +27,12 @@ def refresh_local_inventory() -> None:
     host = services.inventory_refresh_local()
     services.host_check_run_user_reach(host)
     services.slurm_detect()
+    # Slurm clusters reached over SSH: their login nodes detect again, each in its own task.
+    remote = Host.objects.filter(enabled=True, kind=HostKind.SLURM).exclude(
+        hostname__in=("", "localhost")
+    )
+    for host_id in remote.values_list("pk", flat=True):
+        _send(probe_host, host_id)
 
 
 @shared_task(name="clusters.tasks.probe_host", ignore_result=True)

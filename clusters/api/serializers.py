@@ -104,7 +104,9 @@ class HostProbeSerializer(HostSerializer):
 
 class HostWriteSerializer(ModelInputSerializer):
     private_key = serializers.CharField(required=False, write_only=True, trim_whitespace=False)
-    kind = serializers.ChoiceField(choices=[HostKind.SSH, HostKind.LOCAL], default=HostKind.SSH)
+    kind = serializers.ChoiceField(
+        choices=[HostKind.SSH, HostKind.LOCAL, HostKind.SLURM], default=HostKind.SSH
+    )
 
     class Meta:
         model = Host
@@ -138,10 +140,16 @@ class HostWriteSerializer(ModelInputSerializer):
 
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
         kind = attrs.get("kind", getattr(self.instance, "kind", HostKind.SSH))
-        if kind == HostKind.SSH and not (
-            attrs.get("hostname") or getattr(self.instance, "hostname", "")
-        ):
+        hostname = attrs.get("hostname", getattr(self.instance, "hostname", ""))
+        if kind == HostKind.SSH and not hostname:
             raise serializers.ValidationError({"hostname": "an ssh host needs a hostname"})
+        if kind == HostKind.SLURM and not hostname:
+            raise serializers.ValidationError(
+                {
+                    "hostname": "a Slurm host needs its login node: a hostname reached over "
+                    "SSH, or localhost for this machine"
+                }
+            )
         fp = attrs.get("host_key_fingerprint", "")
         if fp and not fp.startswith("SHA256:"):
             raise serializers.ValidationError(

@@ -36,7 +36,7 @@ from clusters.executors.transport import (
     TransportError,
 )
 from clusters.localuser import run_user
-from clusters.slurm import job_name
+from clusters.slurm import SINFO_FORMAT, detection_facts, job_name
 
 if TYPE_CHECKING:
     from clusters.models import Host
@@ -255,6 +255,16 @@ class SlurmExecutor(Executor):
             if _SLURM_BUSY.search(str(exc)):
                 raise TransportError(f"Slurm did not take it now: {exc}") from exc
             raise
+
+    def detect(self) -> dict[str, Any]:
+        """The cluster as this login node's Slurm sees it, in one round trip (sinfo, its
+        version, whether sacct answers): clusters.slurm.detection_facts. ProtocolError with
+        Slurm's words when sinfo does not answer."""
+        params = protocol.slurm_detect_params(sinfo_format=SINFO_FORMAT, conf=self.conf)
+        result = self.transport.run("bash", bash_script("slurm_detect.sh", params), self.timeout)
+        self.calls += protocol.parse_calls(result.stdout)
+        seen = protocol.parse_detect(result.stdout + "\n" + result.stderr)
+        return detection_facts(seen.sinfo, seen.version, accounting=seen.accounting)
 
     def launch(self, spec: LaunchSpec) -> int | None:
         raise ProtocolError("a Slurm run is submitted (submit), not launched")

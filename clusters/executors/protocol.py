@@ -120,6 +120,8 @@ class RunReport:
     # never did); `slurm_polled` says squeue answered at all.
     slurm: SlurmJob | None = None
     slurm_polled: bool = False
+    # slurmstepd's last lines in the job's slurm.out ("" where none): why Slurm killed it.
+    slurm_notes: str = ""
 
 
 def check_run_id(run_id: str) -> str:
@@ -225,6 +227,14 @@ def sbatch_array_params(
         for key, value in launch_params(spec).items():
             params[f"{key}_{i}"] = value
     return params
+
+
+def slurm_detect_params(*, sinfo_format: str, conf: str) -> dict[str, bytes]:
+    """slurm_detect.sh: sinfo's output format and SLURM_CONF (or empty)."""
+    return {
+        "format": sinfo_format.encode(),
+        "conf": _bytes(_no_nul("SLURM_CONF", conf)),
+    }
 
 
 def scancel_params(
@@ -389,6 +399,33 @@ def parse_submit(stdout: str) -> str | None:
     raise ProtocolError(f"unexpected submit answer: {_excerpt(stdout)}")
 
 
+@dataclass(frozen=True)
+class SlurmDetection:
+    """What slurm_detect.sh saw: sinfo's lines, the version it printed, accounting or not."""
+
+    sinfo: str
+    version: str
+    accounting: bool
+
+
+def parse_detect(stdout: str) -> SlurmDetection:
+    """slurm_detect.sh's answer; ProtocolError with Slurm's words when sinfo did not answer."""
+    sinfo: list[str] = []
+    version, accounting = None, None
+    for line in stdout.splitlines():
+        if line.startswith("LABSITE_ERROR"):
+            raise ProtocolError(line.removeprefix("LABSITE_ERROR").strip())
+        if line.startswith("LABSITE_SINFO "):
+            sinfo.append(line.removeprefix("LABSITE_SINFO "))
+        elif line.startswith("LABSITE_VERSION"):
+            version = line.removeprefix("LABSITE_VERSION").strip()
+        elif line.startswith("LABSITE_ACCOUNTING "):
+            accounting = line.removeprefix("LABSITE_ACCOUNTING ").strip() == "1"
+    if version is None or accounting is None:
+        raise ProtocolError(f"unexpected detect answer: {_excerpt(stdout)}")
+    return SlurmDetection("\n".join(sinfo), version, accounting)
+
+
 def parse_cancel(stdout: str) -> int:
     """How many processes of the run were still there at the end (0 = nothing left)."""
     match = re.search(r"LABSITE_CANCEL term_left=(\d+) left=(\d+)", stdout)
@@ -484,6 +521,7 @@ def _report(run_id: str, rep: Any, *, slurm_polled: bool = False) -> RunReport:
         metrics_lines=lines,
         slurm=_slurm_job(rep, where),
         slurm_polled=slurm_polled,
+        slurm_notes=_get(rep, "slurm_notes", (str,), where) if "slurm_notes" in rep else "",
     )
 
 

@@ -306,7 +306,9 @@ def apply(run: Run, report: RunReport, *, complete: bool, cancelled: bool) -> bo
             )
         return False
     code = report.exit_code if report.exit_code is not None else job.exit_code
-    ended = slurm.ending(job.state, exit_code=code, nodes=job.nodes, by=job.by)
+    ended = slurm.ending(
+        job.state, exit_code=code, nodes=job.nodes, by=job.by, notes=report.slurm_notes
+    )
     if ended is None:
         return False  # unknown: shown raw (slurm_state), never taken as an end
     if not complete:
@@ -344,11 +346,14 @@ def _left_the_queue(run: Run, report: RunReport, *, complete: bool, cancelled: b
         if not complete:
             return False
         message = f"Slurm no longer knows job {run.slurm_job_id}, and it left no exit code"
-        to, why = (
-            (RunStatus.STOPPED, RunReason.USER_STOP)
-            if run.stop_requested_at is not None
-            else (RunStatus.FAILED, RunReason.LOST)
-        )
+        memory = slurm.memory_note(report.slurm_notes)
+        if run.stop_requested_at is not None:
+            to, why = RunStatus.STOPPED, RunReason.USER_STOP
+        elif memory:
+            # Killed over its memory, wrapper and all: slurmstepd said so in its output.
+            to, why, message = RunStatus.FAILED, RunReason.OOM, f"Slurm: over its memory: {memory}"
+        else:
+            to, why = RunStatus.FAILED, RunReason.LOST
         return end_run(run, to, why, message, None)
     if not complete:
         return False

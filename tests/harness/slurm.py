@@ -49,6 +49,7 @@ GPU_COUNT = 4
 PARTITION = "gpu"
 SHORT_PARTITION = "short"
 NODE = "localhost"
+MEMORY_MB = 4000  # the node's memory where the cluster enforces it (enforce_memory)
 
 
 def missing_prerequisites(*, accounting: bool = False) -> list[str]:
@@ -120,13 +121,18 @@ class SlurmCluster:
         start_timeout: float = 30,
         accounting: bool = False,
         min_job_age: int = 3600,
+        enforce_memory: bool = False,
     ) -> None:
         """With `accounting`, a private mariadbd and slurmdbd keep the jobs (sacct answers);
-        `min_job_age` is how long squeue still shows a finished job."""
+        `min_job_age` is how long squeue still shows a finished job; with `enforce_memory`,
+        memory is a consumable resource (the node has MEMORY_MB) and a job over its `--mem` is
+        killed (jobacct_gather/linux with OverMemoryKill, sampled every second: this harness
+        has no cgroup plugin), ending OUT_OF_MEMORY."""
         self.cpus = cpus
         self.gpus = gpus
         self.accounting = accounting
         self.min_job_age = min_job_age
+        self.enforce_memory = enforce_memory
         self.dbd_port = 0
         self.mariadb_port = 0
         self.start_timeout = start_timeout
@@ -307,12 +313,11 @@ class SlurmCluster:
                     f"AuthInfo=socket={self.munge_socket}",
                     "ProctrackType=proctrack/linuxproc",
                     "TaskPlugin=task/none",
-                    "JobAcctGatherType=jobacct_gather/none",
+                    *self._memory_lines(),
                     *self._accounting_lines(),
                     "JobCompType=jobcomp/none",
                     "MpiDefault=none",
                     "SelectType=select/cons_tres",
-                    "SelectTypeParameters=CR_Core",
                     "GresTypes=gpu",
                     "SchedulerType=sched/backfill",
                     "SchedulerParameters=batch_sched_delay=0",
@@ -333,7 +338,8 @@ class SlurmCluster:
                     "SlurmdDebug=info",
                     f"PlugStackConfig={d / 'etc' / 'plugstack.conf'}",
                     f"NodeName={NODE} NodeAddr=127.0.0.1 CPUs={self.cpus} "
-                    f"Gres=gpu:{self.gpus} State=UNKNOWN",
+                    f"Gres=gpu:{self.gpus} State=UNKNOWN"
+                    + (f" RealMemory={MEMORY_MB}" if self.enforce_memory else ""),
                     f"PartitionName={PARTITION} Nodes={NODE} Default=YES MaxTime=INFINITE State=UP",
                     # The same node with a time limit: what a run's `time` is checked against.
                     f"PartitionName={SHORT_PARTITION} Nodes={NODE} MaxTime=10 State=UP",
@@ -347,6 +353,16 @@ class SlurmCluster:
         (d / "etc" / "gres.conf").write_text(
             f"AutoDetect=off\nNodeName={NODE} Name=gpu File={d / 'dev' / file_spec}\n"
         )
+
+    def _memory_lines(self) -> list[str]:
+        if not self.enforce_memory:
+            return ["JobAcctGatherType=jobacct_gather/none", "SelectTypeParameters=CR_Core"]
+        return [
+            "JobAcctGatherType=jobacct_gather/linux",
+            "JobAcctGatherParams=OverMemoryKill",
+            "JobAcctGatherFrequency=task=1",
+            "SelectTypeParameters=CR_Core_Memory",
+        ]
 
     def _accounting_lines(self) -> list[str]:
         if not self.accounting:

@@ -332,3 +332,33 @@ def test_slurmctld_restarted_while_a_job_runs_loses_nothing(
     assert (run.status, run.exit_code) == ("finished", 0), (run.status, run.error)
     assert "survived" in member.client.get(f"/api/runs/{run_id}/logs").json()["content"]
     assert RunEvent.objects.filter(run_id=run_id, reason="slurm_submitted").count() == 1
+
+
+def test_a_job_over_its_memory_fails_with_reason_oom_where_the_cluster_enforces_memory(
+    slurm_cluster: SlurmCluster, celery_worker: Any, member: Any, monkeypatch: Any
+) -> None:
+    """GIVEN a cluster where memory is a consumable resource and a job over its --mem is killed
+    WHEN a run asks 64 MB and takes 400 THEN it fails with reason oom (host memory, not
+    cuda_oom) and Slurm's words; a run within its memory finishes."""
+    with SlurmCluster(cpus=4, enforce_memory=True) as strict:
+        monkeypatch.setenv("SLURM_CONF", str(strict.conf_path))
+        host = slurm_detect()
+        assert host is not None and host.facts["slurm_conf"] == str(strict.conf_path)
+        hog = create(
+            member.client,
+            memory_mb=64,
+            command="python3 -c \"import time; x = b'1' * (400 << 20); time.sleep(60)\"; "
+            "echo survived",
+        )
+        fine = create(
+            member.client, memory_mb=64, command="python3 -c \"print(len(b'1' * (8 << 20)))\""
+        )
+        run = ended(hog, timeout=90)
+        assert (run.status, run.reason) == ("failed", "oom"), (run.status, run.reason, run.error)
+        assert "exceeded memory limit (" in run.error and "67108864" in run.error, run.error
+        fields = strict.run("scontrol", "show", "job", "-o", run.slurm_job_id)
+        assert "mem=64M" in fields, fields
+        log = member.client.get(f"/api/runs/{hog}/logs").json()["content"]
+        assert "survived" not in log, log
+        ok = ended(fine, timeout=90)
+        assert (ok.status, ok.exit_code) == ("finished", 0), (ok.status, ok.error)

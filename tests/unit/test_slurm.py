@@ -356,3 +356,51 @@ def test_a_run_asked_to_stop_whose_job_ended_first_is_stopped(placed):
     assert runner_slurm.apply(run, rep, complete=True, cancelled=False) is True
     run.refresh_from_db()
     assert (run.status, run.reason, run.exit_code) == ("stopped", "user_stop", 0)
+
+
+def test_a_slurm_host_needs_its_login_node(admin):
+    response = admin.client.post("/api/hosts", {"name": "c2", "kind": "slurm"}, format="json")
+    assert response.status_code == 400, response.content
+    assert "login node" in response.json()["detail"], response.content
+    assert not Host.objects.filter(name="c2").exists()
+
+
+def test_a_login_nodes_detect_answer_becomes_the_hosts_facts():
+    from clusters.executors import ProtocolError, protocol
+
+    seen = protocol.parse_detect(
+        "LABSITE_VERSION slurm-wlm 22.05.8\nLABSITE_ACCOUNTING 0\n"
+        "LABSITE_SINFO n1|gpu*|gpu:a100:4|mixed|infinite\n"
+        "LABSITE_SINFO n2|gpu*|gpu:2|drained*|infinite\nLABSITE_CALLS 3\n"
+    )
+    facts = slurm.detection_facts(seen.sinfo, seen.version, accounting=seen.accounting)
+    assert facts["version"] == "22.05.8" and facts["accounting"] is False
+    assert facts["gpus"] == 6 and facts["node_states"] == {"mixed": 1, "drained": 1}
+    with pytest.raises(ProtocolError, match="sinfo: slurm_load_partitions"):
+        protocol.parse_detect("LABSITE_ERROR sinfo: slurm_load_partitions: Unable to contact")
+    with pytest.raises(ProtocolError, match="unexpected detect answer"):
+        protocol.parse_detect("LABSITE_SINFO n1|gpu*|gpu:4|idle|infinite\n")
+
+
+def test_slurmstepds_memory_words_make_a_failed_job_an_oom():
+    cgroup = (
+        "slurmstepd: error: Detected 1 oom-kill event(s) in StepId=7.batch. Some of your "
+        "processes may have been killed by the cgroup out-of-memory handler."
+    )
+    overkill = "slurmstepd-n1: error: Exceeded job memory limit"
+    for state in ("FAILED", "CANCELLED", "OUT_OF_MEMORY"):
+        end = slurm.ending(state, exit_code=137, nodes="n1", notes=cgroup)
+        assert end is not None and (end.status, end.reason) == ("failed", "oom"), state
+    end = slurm.ending("FAILED", exit_code=0, notes=overkill)
+    assert (
+        end is not None
+        and end.reason == "oom"
+        and end.message.endswith(": Exceeded job memory limit")
+    ), end
+    # A job that succeeded is finished, whatever its output says; no words, no oom.
+    assert slurm.ending("COMPLETED", exit_code=0, notes=cgroup).reason == ""
+    assert (
+        slurm.ending("FAILED", exit_code=1, notes="slurmstepd: error: *** JOB 7 CANCELLED").reason
+        == "exit_code"
+    )
+    assert slurm.memory_note("") == ""

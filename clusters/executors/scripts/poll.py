@@ -72,6 +72,8 @@ def run_report(
         rep["state"] = "starting" if os.path.isdir(d) else "missing"
     rep["exit_code"] = number(code, int)
     rep["started_at"] = number(read(os.path.join(d, "started_at")), float)
+    if slurm:
+        rep["slurm_notes"] = stepd_lines(os.path.join(d, "slurm.out"))
 
     # New log bytes from the server's offset, at most max_log of them per poll.
     log = os.path.join(d, "output.log")
@@ -99,6 +101,23 @@ def run_report(
         pass
     rep.update(metrics_offset=moff, metrics_lines=lines)
     return rep
+
+
+def stepd_lines(path: str) -> str:
+    """The last of slurmstepd's own lines in a job's slurm.out (its --output, where only Slurm
+    writes: the wrapper sends the command's output to output.log), such as "error: Exceeded
+    job memory limit" or "Detected 1 oom-kill event(s)": at most 2 KB, "" when there are none."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size == 0:
+                return ""
+            f.seek(max(0, size - 4096))
+            tail = f.read().decode(errors="replace")
+    except OSError:
+        return ""
+    lines = [line.strip() for line in tail.splitlines() if line.startswith("slurmstepd")]
+    return "\n".join(lines[-8:])[-2048:]
 
 
 def run_of(pid: str) -> "str | None":
