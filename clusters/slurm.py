@@ -25,8 +25,14 @@ OPTION_KEYS = (
     "mem_per_gpu",
     "constraint",
     "exclude",
+    "gpu_type",
+    "gpu_option",
 )
 _INT_KEYS = {"cpus_per_gpu", "cpus_per_task"}
+# How a run's GPUs are asked: --gres=gpu[:type]:N (every Slurm), or --gpus=[type:]N where the
+# cluster wants it (select/cons_tres sites whose submit filter asks for --gpus).
+GPU_OPTIONS = ("gres", "gpus")
+_GPU_TYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
 _EXCLUSIVE = (("cpus_per_gpu", "cpus_per_task"), ("mem", "mem_per_gpu"))
 # What sbatch takes as a word: no spaces, quotes or shell, and never an option of its own.
 _WORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.,:\[\]+=@-]{0,199}\Z")
@@ -37,8 +43,10 @@ DEFAULT_TIME_MINUTES = 24 * 60
 JOB_NAME_PREFIX = "labsite-"
 
 
-def job_name(run_id: str) -> str:
-    return JOB_NAME_PREFIX + run_id
+def job_name(directory: str) -> str:
+    """A run's job's name: labsite-<its run directory's name>, which is its id for a first
+    attempt and `<id>-a<n>` for a later one (experiments.rundir), so each attempt has its own."""
+    return JOB_NAME_PREFIX + directory
 
 
 def parse_time(text: str) -> int | None:
@@ -74,6 +82,27 @@ def parse_time(text: str) -> int | None:
     return total
 
 
+def parse_elapsed(text: str) -> int | None:
+    """A job's run time as squeue (%M) or sacct (Elapsed) write it: S, M:S, H:M:S, D-H:M:S (and
+    sacct's zero-padded forms), in seconds; None for anything else (INVALID, N/A, "")."""
+    value = text.strip()
+    days = 0
+    if "-" in value:
+        head, value = value.split("-", 1)
+        if not head.isdigit():
+            return None
+        days = int(head)
+    parts = value.split(":")
+    if not 1 <= len(parts) <= 3 or not all(p.isdigit() for p in parts):
+        return None
+    seconds = 0
+    for part in parts:
+        seconds = seconds * 60 + int(part)
+    if days and len(parts) != 3:
+        return None
+    return days * 86400 + seconds
+
+
 def format_minutes(minutes: int) -> str:
     days, rest = divmod(minutes, 1440)
     return f"{days}-{rest // 60:02d}:{rest % 60:02d}:00"
@@ -103,6 +132,10 @@ def check_options(options: Any, *, what: str = "slurm") -> dict[str, Any]:
                 raise ValueError(f"{what}.time must be a walltime, never UNLIMITED")
         if key in ("mem", "mem_per_gpu") and not _MEM.match(value):
             raise ValueError(f"{what}.{key} must be a size such as 16G or 4000M")
+        if key == "gpu_option" and value not in GPU_OPTIONS:
+            raise ValueError(f"{what}.gpu_option must be one of: {', '.join(GPU_OPTIONS)}")
+        if key == "gpu_type" and not _GPU_TYPE.match(value):
+            raise ValueError(f"{what}.gpu_type must be a GRES type such as a100")
         clean[key] = value
     for a, b in _EXCLUSIVE:
         if a in clean and b in clean:
@@ -145,6 +178,11 @@ def check_against(options: Mapping[str, Any], *, gpus: int, facts: Mapping[str, 
         if "partition" in options:
             return f"unknown partition {options['partition']!r}; this cluster has: {names}"
         return f"this cluster has no default partition: name one of {names}"
+    kind = options.get("gpu_type")
+    types = part.get("gpu_types")
+    if gpus and kind and types is not None and kind not in types:
+        have = ", ".join(sorted(types)) or "none with a type"
+        return f"partition {part['name']} has no GPUs of type {kind!r}; its types: {have}"
     most = int(part.get("max_gpus_per_node") or 0)
     if gpus > most:
         return (
@@ -183,7 +221,11 @@ def sbatch_args(
         minutes = min(DEFAULT_TIME_MINUTES, int(limit)) if limit else DEFAULT_TIME_MINUTES
     args.append(f"--time={format_minutes(minutes or DEFAULT_TIME_MINUTES)}")
     if gpus:
-        args.append(f"--gres=gpu:{gpus}")
+        kind = options.get("gpu_type")
+        if options.get("gpu_option") == "gpus":
+            args.append(f"--gpus={kind}:{gpus}" if kind else f"--gpus={gpus}")
+        else:
+            args.append(f"--gres=gpu:{kind}:{gpus}" if kind else f"--gres=gpu:{gpus}")
     if "cpus_per_gpu" in options and gpus:
         args.append(f"--cpus-per-gpu={options['cpus_per_gpu']}")
     else:
@@ -203,14 +245,16 @@ def sbatch_args(
 SINFO_FORMAT = "%N|%P|%G|%T|%l"
 
 
-def _gres_gpus(gres: str) -> int:
-    """GPUs in a node's GRES: gpu:4, gpu:a100:8, gpu:a100:8(S:0-1), several types added up."""
-    total = 0
+def _gres_gpus(gres: str) -> dict[str, int]:
+    """GPUs in a node's GRES by type ("" for none): gpu:4, gpu:a100:8, gpu:a100:8(S:0-1),
+    several types side by side."""
+    found: dict[str, int] = {}
     for item in gres.split(","):
         fields = item.split("(")[0].split(":")
         if fields[0] == "gpu" and len(fields) >= 2 and fields[-1].isdigit():
-            total += int(fields[-1])
-    return total
+            kind = fields[1] if len(fields) >= 3 else ""
+            found[kind] = found.get(kind, 0) + int(fields[-1])
+    return found
 
 
 def parse_sinfo(text: str) -> dict[str, Any]:
@@ -226,7 +270,8 @@ def parse_sinfo(text: str) -> dict[str, Any]:
         node, name, gres, state, limit = parts
         default = name.endswith("*")
         name = name.rstrip("*")
-        gpus = _gres_gpus(gres)
+        by_type = _gres_gpus(gres)
+        gpus = sum(by_type.values())
         state = state.rstrip("*~#!%$@^-")
         try:
             max_time = parse_time(limit)
@@ -242,8 +287,12 @@ def parse_sinfo(text: str) -> dict[str, Any]:
                 "max_gpus_per_node": 0,
                 "max_time_minutes": max_time,
                 "states": {},
+                "gpu_types": [],
             },
         )
+        for kind in by_type:
+            if kind and kind not in part["gpu_types"]:
+                part["gpu_types"].append(kind)
         part["nodes"] += 1
         part["gpus"] += gpus
         part["max_gpus_per_node"] = max(part["max_gpus_per_node"], gpus)
@@ -368,11 +417,16 @@ _REASONS = {
 def pending_words(reason: str, partition: str = "") -> str:
     """squeue's %r for a pending job in words: "Slurm: waiting for resources (partition gpu)"."""
     reason = reason.strip().strip("()")
+    # "ReqNodeNotAvail, UnavailableNodes:n3": the reason, then Slurm's detail.
+    reason, _, detail = reason.partition(",")
+    detail = detail.strip()
     if reason.startswith("QOS"):
         words = f"a QOS limit ({reason})"
     elif reason.startswith("Assoc") and reason not in _REASONS:
         words = f"an account limit ({reason})"
     else:
         words = _REASONS.get(reason, reason or "pending")
+    if detail:
+        words += f" ({detail})"
     where = f" (partition {partition})" if partition else ""
     return f"Slurm: {words}{where}"[:500]

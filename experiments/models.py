@@ -149,6 +149,9 @@ class Run(models.Model):
     # waiting_reason; what a state does to the run goes through run_transition).
     slurm = models.JSONField(default=dict, blank=True)
     slurm_state = models.CharField(max_length=40, blank=True)
+    # How long its job ran, as Slurm counted it (squeue's or sacct's elapsed), written with
+    # its end: its GPU-hours are this times its GPUs, not Labsite's polls' start and end.
+    slurm_elapsed_seconds = models.IntegerField(null=True, blank=True)
     chat_session_id = models.CharField(max_length=200, blank=True)
     created_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="runs"

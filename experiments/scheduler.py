@@ -136,7 +136,8 @@ def release_cleared() -> list[str]:
 
 
 def plan_gpu_hours(plan_ids: list[str]) -> dict[str, float]:
-    """GPU-hours used so far by the runs of each plan (directly or through a sweep)."""
+    """GPU-hours used so far by the runs of each plan (directly or through a sweep): each
+    run's time (a Slurm job's elapsed time, as Slurm counted it) times its GPUs."""
     now = timezone.now()
     used: dict[str, float] = defaultdict(float)
     rows = (
@@ -144,12 +145,16 @@ def plan_gpu_hours(plan_ids: list[str]) -> dict[str, float]:
             Q(plan_id__in=plan_ids) | Q(plan__isnull=True, sweep__plan_id__in=plan_ids)
         )
         .exclude(started_at=None)
-        .values_list("plan_id", "sweep__plan_id", "gpus", "started_at", "ended_at")
+        .values_list(
+            "plan_id", "sweep__plan_id", "gpus", "started_at", "ended_at", "slurm_elapsed_seconds"
+        )
     )
-    for plan_id, sweep_plan_id, gpus, started, ended in rows:
+    for plan_id, sweep_plan_id, gpus, started, ended, elapsed in rows:
         if started is None:
             continue
-        hours = ((ended or now) - started).total_seconds() / 3600
+        # A Slurm job's own run time where Slurm said it; else from its start to its end.
+        seconds = elapsed if elapsed is not None else ((ended or now) - started).total_seconds()
+        hours = seconds / 3600
         used[plan_id or sweep_plan_id] += hours * max(gpus, 1)
     return used
 

@@ -223,7 +223,8 @@ class SlurmExecutor(Executor):
 
     def submit(self, spec: LaunchSpec) -> str | None:
         """Submit the run as a job, once; its job id (None: cancelled before it was)."""
-        params = protocol.sbatch_params(spec, job_name=job_name(spec.run_id), conf=self.conf)
+        # Named after its run directory: a later attempt's job is never taken for an earlier's.
+        params = protocol.sbatch_params(spec, job_name=job_name(spec.directory), conf=self.conf)
         answer = self._submission(sbatch_program(), params, self.timeout)
         return self._busy_is_transient(protocol.parse_submit, answer)
 
@@ -301,7 +302,7 @@ class SlurmExecutor(Executor):
         params = protocol.scancel_params(
             run_root,
             dir_name or run_id,
-            job_name=job_name(run_id),
+            job_name=job_name(dir_name or run_id),
             conf=self.conf,
             grace_seconds=max(grace_seconds, 5.0),
             job_id=job_id,

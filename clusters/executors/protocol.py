@@ -101,6 +101,8 @@ class SlurmJob:
     # From sacct, for a job that left squeue: its exit code, and who cancelled it.
     exit_code: int | None = None
     by: str = ""
+    # How long it has run (squeue's %M, sacct's Elapsed: "1-02:03:04"), as Slurm wrote it.
+    elapsed: str = ""
 
 
 @dataclass
@@ -491,6 +493,7 @@ def _slurm_job(rep: Mapping[str, Any], where: str) -> SlurmJob | None:
         reason=_get(job, "reason", (str,), where),
         exit_code=_get(job, "exit_code", _OPT_INT, where) if "exit_code" in job else None,
         by=_get(job, "by", (str,), where) if "by" in job else "",
+        elapsed=_get(job, "elapsed", (str,), where) if "elapsed" in job else "",
     )
 
 

@@ -74,10 +74,16 @@ def end_run(
     code: int | None = None,
     *,
     started_at: float | None = None,
+    fields: dict[str, Any] | None = None,
 ) -> bool:
     """The run's end, once per attempt. `started_at` (the wrapper's epoch stamp) stands in for
-    a start no poll saw (a job that ran between two polls): its GPU-hours count from then."""
-    fields: dict[str, Any] = {"exit_code": code, "error": message if to == RunStatus.FAILED else ""}
+    a start no poll saw (a job that ran between two polls): its GPU-hours count from then.
+    `fields`: more of the run's columns, written with its end (a Slurm job's elapsed time)."""
+    fields = {
+        **(fields or {}),
+        "exit_code": code,
+        "error": message if to == RunStatus.FAILED else "",
+    }
     # The run's own directory holds that stamp, and its command could write anything there:
     # only a time between its placement and now is taken.
     now = datetime.now(tz=UTC)

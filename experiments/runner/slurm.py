@@ -44,17 +44,61 @@ SYSTEM = Actor.system()
 RESUBMIT_AFTER = timedelta(seconds=10)
 
 
+# A job whose node failed (NODE_FAIL, BOOT_FAIL) is submitted again without that node at most
+# this many times, where the run allows retries.
+MAX_NODE_FAIL_REQUEUES = 2
+
+
 def sbatch_args(run: Run, host: Host) -> tuple[str, ...]:
-    """The run's sbatch options: its own over its host's defaults."""
+    """The run's sbatch options: its own over its host's defaults. A run that allows no
+    retries (`gpuwrap_config.retries` 0) is never requeued by Slurm either (--no-requeue)."""
     options = slurm.merged(host.slurm or {}, run.slurm or {})
-    return tuple(
-        slurm.sbatch_args(
-            options,
-            gpus=run.gpus,
-            cpus=run.cpus,
-            memory_mb=run.memory_mb,
-            facts=host.facts or {},
-        )
+    args = slurm.sbatch_args(
+        options,
+        gpus=run.gpus,
+        cpus=run.cpus,
+        memory_mb=run.memory_mb,
+        facts=host.facts or {},
+    )
+    if _retries(run) == 0:
+        args.append("--no-requeue")
+    return tuple(args)
+
+
+def _retries(run: Run) -> int:
+    retries = (run.gpuwrap_config or {}).get("retries", -1)
+    return retries if isinstance(retries, int) and not isinstance(retries, bool) else -1
+
+
+def _requeue_without_node(run: Run, host: Host, message: str, nodes: str) -> bool:
+    """A job whose node failed, of a run that allows retries: the run goes back to the queue
+    as its next attempt (a job of its own, in a directory of its own), with that node added to
+    its `exclude`. False where it may not (no retries, or they are spent)."""
+    retries = _retries(run)
+    limit = MAX_NODE_FAIL_REQUEUES if retries < 0 else min(retries, MAX_NODE_FAIL_REQUEUES)
+    if not nodes or run.attempt > limit or run.stop_requested_at is not None:
+        return False
+    excluded = slurm.merged(host.slurm or {}, run.slurm or {}).get("exclude", "")
+    options = {**(run.slurm or {}), "exclude": f"{excluded},{nodes}" if excluded else nodes}
+    return services.run_transition(
+        run_id=run.id,
+        to=RunStatus.QUEUED,
+        from_=[RunStatus.LAUNCHING, RunStatus.RUNNING],
+        actor=SYSTEM,
+        reason="slurm_node_fail_requeue",
+        message=f"{message}; back to the queue without {nodes}, attempt {run.attempt + 1} of "
+        f"{limit + 1}",
+        fields={
+            "attempt": run.attempt + 1,
+            "log_base": run.log_size,
+            "metrics_offset": 0,
+            "pid": None,
+            "exit_code": None,
+            "slurm_job_id": "",
+            "slurm_state": "",
+            "slurm": options,
+        },
+        expect={"attempt": run.attempt},
     )
 
 
@@ -313,6 +357,11 @@ def apply(run: Run, report: RunReport, *, complete: bool, cancelled: bool) -> bo
         return False  # unknown: shown raw (slurm_state), never taken as an end
     if not complete:
         return False  # copy the whole log first
+    if ended.reason == RunReason.NODE_FAIL and run.host is not None:
+        if _requeue_without_node(run, run.host, ended.message, job.nodes):
+            return True  # its next attempt is placed (and submitted) by the pass this asks
+    elapsed = slurm.parse_elapsed(job.elapsed)
+    fields = {"slurm_elapsed_seconds": elapsed} if elapsed is not None else {}
     if run.stop_requested_at is not None:
         # Asked to stop, and Slurm says the job is over (cancelled, or it ended first).
         return end_run(
@@ -322,6 +371,7 @@ def apply(run: Run, report: RunReport, *, complete: bool, cancelled: bool) -> bo
             ended.message,
             code,
             started_at=report.started_at,
+            fields=fields,
         )
     return end_run(
         run,
@@ -330,6 +380,7 @@ def apply(run: Run, report: RunReport, *, complete: bool, cancelled: bool) -> bo
         ended.message,
         code,
         started_at=report.started_at,
+        fields=fields,
     )
 
 

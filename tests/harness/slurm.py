@@ -49,6 +49,7 @@ GPU_COUNT = 4
 PARTITION = "gpu"
 SHORT_PARTITION = "short"
 NODE = "localhost"
+SPARE_NODE = "spare"  # a second node of the configuration, always drained (spare_node)
 MEMORY_MB = 4000  # the node's memory where the cluster enforces it (enforce_memory)
 
 
@@ -122,17 +123,24 @@ class SlurmCluster:
         accounting: bool = False,
         min_job_age: int = 3600,
         enforce_memory: bool = False,
+        job_requeue: bool = True,
+        spare_node: bool = False,
     ) -> None:
         """With `accounting`, a private mariadbd and slurmdbd keep the jobs (sacct answers);
         `min_job_age` is how long squeue still shows a finished job; with `enforce_memory`,
         memory is a consumable resource (the node has MEMORY_MB) and a job over its `--mem` is
         killed (jobacct_gather/linux with OverMemoryKill, sampled every second: this harness
-        has no cgroup plugin), ending OUT_OF_MEMORY."""
+        has no cgroup plugin), ending OUT_OF_MEMORY; without `job_requeue`, Slurm never
+        requeues a job itself (JobRequeue=0: a NODE_FAIL is the job's end); with `spare_node`,
+        the partitions also hold SPARE_NODE, drained (no slurmd of its own serves it): a job
+        that excludes localhost is taken, and waits."""
         self.cpus = cpus
         self.gpus = gpus
         self.accounting = accounting
         self.min_job_age = min_job_age
         self.enforce_memory = enforce_memory
+        self.job_requeue = job_requeue
+        self.spare_node = spare_node
         self.dbd_port = 0
         self.mariadb_port = 0
         self.start_timeout = start_timeout
@@ -299,6 +307,7 @@ class SlurmCluster:
             )
         self.ctld_port, self.slurmd_port = _free_ports(2)
         self.conf_path = d / "etc" / "slurm.conf"
+        nodes = f"{NODE},{SPARE_NODE}" if self.spare_node else NODE
         self.conf_path.write_text(
             "\n".join(
                 [
@@ -325,6 +334,7 @@ class SlurmCluster:
                     # more jobs at once than its cores (they mostly sleep).
                     "SlurmdParameters=config_overrides",
                     f"MinJobAge={self.min_job_age}",
+                    f"JobRequeue={1 if self.job_requeue else 0}",
                     "ReturnToService=2",
                     "SlurmctldTimeout=30",
                     "SlurmdTimeout=60",
@@ -337,12 +347,25 @@ class SlurmCluster:
                     "SlurmctldDebug=info",
                     "SlurmdDebug=info",
                     f"PlugStackConfig={d / 'etc' / 'plugstack.conf'}",
+                    # Before localhost: Slurm takes any name for a node named localhost while
+                    # it is the only one (its lookup), and would call the spare a duplicate.
+                    # At 127.0.0.254 (this machine's loopback too) the one slurmd would answer
+                    # its pings; drained, it never takes a job.
+                    *(
+                        [
+                            f"NodeName={SPARE_NODE} NodeAddr=127.0.0.254 CPUs={self.cpus} "
+                            f"Gres=gpu:{self.gpus} State=DRAIN Reason=spare"
+                        ]
+                        if self.spare_node
+                        else []
+                    ),
                     f"NodeName={NODE} NodeAddr=127.0.0.1 CPUs={self.cpus} "
                     f"Gres=gpu:{self.gpus} State=UNKNOWN"
                     + (f" RealMemory={MEMORY_MB}" if self.enforce_memory else ""),
-                    f"PartitionName={PARTITION} Nodes={NODE} Default=YES MaxTime=INFINITE State=UP",
-                    # The same node with a time limit: what a run's `time` is checked against.
-                    f"PartitionName={SHORT_PARTITION} Nodes={NODE} MaxTime=10 State=UP",
+                    f"PartitionName={PARTITION} Nodes={nodes} Default=YES MaxTime=INFINITE "
+                    "State=UP",
+                    # The same node(s) with a time limit: what a run's `time` is checked against.
+                    f"PartitionName={SHORT_PARTITION} Nodes={nodes} MaxTime=10 State=UP",
                     "",
                 ]
             )
@@ -515,7 +538,7 @@ class SlurmCluster:
 
     def _idle(self) -> bool:
         try:
-            out = self.run("sinfo", "-h", "-o", "%T", timeout=5, check=False)
+            out = self.run("sinfo", "-h", "-n", NODE, "-o", "%T", timeout=5, check=False)
         except subprocess.TimeoutExpired:
             return False
         states = out.split()

@@ -5,6 +5,7 @@ submitted, followed and stopped there, as the local cluster's are."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ from typing import Any
 import pytest
 
 from clusters.models import Host
-from experiments.models import Run
+from experiments.models import Run, RunEvent
 from tests.harness.api import create, ended, register
 from tests.harness.slurm import SlurmCluster
 from tests.harness.sshhosts import SshLab, missing_prerequisites
@@ -113,3 +114,40 @@ def test_a_login_node_over_ssh_works_like_the_local_one(
     assert shown["state"] == "offline", shown
     assert shown["host_key_fingerprint"] == other.host_key_fingerprint
     assert shown["state_note"].startswith("Slurm did not answer: sinfo"), shown["state_note"]
+
+
+def test_a_worker_killed_mid_submit_submits_once(
+    login_lab: SshLab, slurm_cluster: SlurmCluster, celery_worker: Any, admin: Any, member: Any
+) -> None:
+    """GIVEN a submission whose sbatch has answered Slurm but not yet Labsite (the login node's
+    sbatch lingers 5 s after it submitted) WHEN the worker is killed with SIGKILL there and
+    started again THEN the run's job is found by its name, never submitted a second time, and
+    the run finishes."""
+    login = login_lab[0]
+    login.write_bin(
+        "sbatch",
+        '#!/bin/sh\necho "$@" >> "$HOME/sbatch-calls"\n/usr/bin/sbatch "$@"\ncode=$?\n'
+        "sleep 5\nexit $code\n",
+    )
+    register(admin, login, kind="slurm", run_root=login.run_root)
+    run_id = create(member.client, login, command="echo once")
+    name = f"labsite-{run_id}"
+
+    def in_slurm() -> bool:
+        out = slurm_cluster.run("squeue", "-h", "-t", "all", "-n", name, "-o", "%i")
+        return bool(out.split())
+
+    wait_for(in_slurm, timeout=30, what="the job submitted")
+    started = time.monotonic()
+    celery_worker.kill9()
+    assert time.monotonic() - started < 4, "killed while the submission was still on its way"
+    assert not (Path(login.run_root) / run_id / "job_id").exists(), "its id was not recorded"
+    celery_worker.start()
+    run = ended(run_id, timeout=90)
+    assert (run.status, run.exit_code) == ("finished", 0), (run.status, run.error)
+    jobs = slurm_cluster.run("squeue", "-h", "-t", "all", "-n", name, "-o", "%i").split()
+    assert jobs == [run.slurm_job_id], jobs
+    calls = (Path(login.home) / "sbatch-calls").read_text()
+    assert calls.count(f"--job-name={name}") == 1, calls
+    assert "once" in member.client.get(f"/api/runs/{run_id}/logs").json()["content"]
+    assert RunEvent.objects.filter(run_id=run_id, to_status="launching").count() == 1

@@ -6,9 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from clusters import slurm
 from clusters.executors import LaunchSpec, executor_for
 from clusters.models import Host
-from clusters.services import slurm_detect
+from clusters.services import host_probe, slurm_detect
 from experiments.models import Run, RunEvent
 from tests.harness.localruns import run_user_dir
 from tests.harness.slurm import SlurmCluster
@@ -37,6 +38,19 @@ def job_fields(cluster: SlurmCluster, job_id: str) -> str:
     return cluster.run("scontrol", "show", "job", "-o", job_id)
 
 
+def another_cluster(cluster: SlurmCluster, name: str) -> Host:
+    """A second cluster of this machine, as an admin registers it: a Slurm host with its own
+    SLURM_CONF, detected by its probe. (Not the host `slurm`: that one is this machine's own
+    SLURM_CONF, which the worker's inventory refresh detects again.)"""
+    host = Host.objects.create(
+        name=name, kind="slurm", hostname="localhost", facts={"slurm_conf": str(cluster.conf_path)}
+    )
+    host, state = host_probe(host.pk)
+    assert state == "online" and host.facts["slurm_conf"] == str(cluster.conf_path), host.facts
+    assert host.facts["partitions"], host.facts
+    return host
+
+
 def detected(cluster: SlurmCluster) -> Host:
     host = slurm_detect()
     assert host is not None
@@ -59,6 +73,13 @@ def test_runs_become_jobs_with_their_resources_and_end_as_slurm_says(
         command='echo "gpus=$CUDA_VISIBLE_DEVICES job=$SLURM_JOB_ID"; echo done',
         slurm={"time": "5"},
     )
+    # Asked with --gpus (where a cluster wants it) rather than --gres: two GPUs all the same.
+    by_gpus = create(
+        member.client,
+        gpus=2,
+        command='echo "gpus=$CUDA_VISIBLE_DEVICES"',
+        slurm={"gpu_option": "gpus"},
+    )
     bad = create(member.client, command="echo failing; exit 3", slurm={"partition": "short"})
     # Slurm itself refuses it (no node has the feature): the run fails with Slurm's words.
     refused = create(member.client, command="true", slurm={"constraint": "nosuchfeature"})
@@ -68,6 +89,10 @@ def test_runs_become_jobs_with_their_resources_and_end_as_slurm_says(
         run.error,
     )
     assert run.slurm_job_id.isdigit()
+    # Its GPU-hours count Slurm's own run time of the job (squeue's %M), not the polls'.
+    assert run.slurm_elapsed_seconds is not None and 0 <= run.slurm_elapsed_seconds <= 30, (
+        run.slurm_elapsed_seconds
+    )
     log = member.client.get(f"/api/runs/{ok}/logs").json()["content"]
     # Slurm pinned the GPUs (Labsite sets no CUDA_VISIBLE_DEVICES on a Slurm host).
     assert f"gpus=0,1 job={run.slurm_job_id}" in log, log
@@ -75,6 +100,12 @@ def test_runs_become_jobs_with_their_resources_and_end_as_slurm_says(
     assert f"JobName=labsite-{ok}" in fields and "TimeLimit=00:05:00" in fields, fields
     assert "gres/gpu=2" in fields or "gpu:2" in fields, fields
     assert RunEvent.objects.filter(run_id=ok, reason="slurm_submitted").count() == 1
+    other = ended(by_gpus)
+    assert (other.status, other.exit_code) == ("finished", 0), (other.status, other.error)
+    shown = member.client.get(f"/api/runs/{by_gpus}/logs").json()["content"]
+    assert len(shown.split("gpus=", 1)[1].split()[0].split(",")) == 2, shown
+    fields = job_fields(slurm_cluster, other.slurm_job_id)
+    assert "TresPerJob=gres:gpu:2" in fields or "TresPerJob=gpu:2" in fields, fields
     failed = ended(bad)
     assert (failed.status, failed.reason, failed.exit_code) == ("failed", "exit_code", 3)
     assert "Partition=short" in job_fields(slurm_cluster, failed.slurm_job_id)
@@ -208,6 +239,7 @@ def test_with_accounting_sacct_gives_the_end_of_jobs_squeue_no_longer_shows(
         one, two = reports["acct1"], reports["acct2"]
         assert one.slurm_polled and one.slurm is not None, one
         assert (one.slurm.state, one.slurm.exit_code, one.slurm.nodes) == ("FAILED", 3, "localhost")
+        assert slurm.parse_elapsed(one.slurm.elapsed) is not None, one.slurm
         assert two.slurm is not None and (two.slurm.state, two.slurm.by) == ("CANCELLED", "root")
 
 
@@ -335,23 +367,25 @@ def test_slurmctld_restarted_while_a_job_runs_loses_nothing(
 
 
 def test_a_job_over_its_memory_fails_with_reason_oom_where_the_cluster_enforces_memory(
-    slurm_cluster: SlurmCluster, celery_worker: Any, member: Any, monkeypatch: Any
+    slurm_cluster: SlurmCluster, celery_worker: Any, member: Any
 ) -> None:
     """GIVEN a cluster where memory is a consumable resource and a job over its --mem is killed
     WHEN a run asks 64 MB and takes 400 THEN it fails with reason oom (host memory, not
     cuda_oom) and Slurm's words; a run within its memory finishes."""
     with SlurmCluster(cpus=4, enforce_memory=True) as strict:
-        monkeypatch.setenv("SLURM_CONF", str(strict.conf_path))
-        host = slurm_detect()
-        assert host is not None and host.facts["slurm_conf"] == str(strict.conf_path)
+        another_cluster(strict, "strict")
         hog = create(
             member.client,
+            host="strict",
             memory_mb=64,
             command="python3 -c \"import time; x = b'1' * (400 << 20); time.sleep(60)\"; "
             "echo survived",
         )
         fine = create(
-            member.client, memory_mb=64, command="python3 -c \"print(len(b'1' * (8 << 20)))\""
+            member.client,
+            host="strict",
+            memory_mb=64,
+            command="python3 -c \"print(len(b'1' * (8 << 20)))\"",
         )
         run = ended(hog, timeout=90)
         assert (run.status, run.reason) == ("failed", "oom"), (run.status, run.reason, run.error)
@@ -362,3 +396,66 @@ def test_a_job_over_its_memory_fails_with_reason_oom_where_the_cluster_enforces_
         assert "survived" not in log, log
         ok = ended(fine, timeout=90)
         assert (ok.status, ok.exit_code) == ("finished", 0), (ok.status, ok.error)
+
+
+def test_a_job_whose_node_fails_goes_again_without_that_node_where_the_run_allows_retries(
+    slurm_cluster: SlurmCluster, celery_worker: Any, member: Any
+) -> None:
+    """GIVEN a cluster that never requeues a job itself, and two running runs WHEN their node
+    goes down THEN the run that allows no retries fails (node_fail, the node named) and the
+    other is submitted again as its next attempt, with that node excluded: its new job waits
+    for the cluster's other node."""
+    with SlurmCluster(cpus=4, job_requeue=False, spare_node=True) as flaky:
+        another_cluster(flaky, "flaky")
+        again = create(
+            member.client,
+            host="flaky",
+            gpus=1,
+            command="sleep 300",
+        )
+        once = create(
+            member.client,
+            host="flaky",
+            gpus=1,
+            command="sleep 300",
+            gpuwrap_config={"retries": 0},
+        )
+        for run_id in (again, once):
+            wait_for(
+                lambda run_id=run_id: Run.objects.get(pk=run_id).status == "running",
+                timeout=60,
+                what=f"run {run_id} running",
+            )
+        first = Run.objects.get(pk=again).slurm_job_id
+        assert "Requeue=0" in job_fields(flaky, Run.objects.get(pk=once).slurm_job_id)
+        flaky.run("scontrol", "update", "nodename=localhost", "state=down", "reason=labsite-test")
+        failed = ended(once, timeout=60)
+        assert (failed.status, failed.reason) == ("failed", "node_fail"), failed.error
+        assert "NODE_FAIL on localhost" in failed.error, failed.error
+
+        def next_attempt() -> Run | None:
+            run = Run.objects.get(pk=again)
+            if run.attempt == 2 and run.slurm_job_id and run.slurm_job_id != first:
+                return run
+            return None
+
+        run = wait_for(next_attempt, timeout=60, what="the run's second attempt submitted")
+        assert run.status == "launching" and run.slurm == {"exclude": "localhost"}, run.slurm
+        fields = job_fields(flaky, run.slurm_job_id)
+        assert f"JobName=labsite-{again}-a2" in fields and "ExcNodeList=localhost" in fields, fields
+        old = flaky.run("squeue", "-h", "-t", "all", "-j", first, "-o", "%T").strip()
+        assert old == "NODE_FAIL", old
+        event = RunEvent.objects.get(run_id=again, reason="slurm_node_fail_requeue")
+        assert "without localhost, attempt 2 of 3" in event.message, event.message
+        # Its new job is taken (the cluster has another node), and waits for that node.
+        run = wait_for(
+            lambda: (r := Run.objects.get(pk=again)).slurm_state == "PENDING" and r,
+            timeout=30,
+            what="the new job pending",
+        )
+        assert run.waiting_reason == (
+            "Slurm: a node it asks is not available (UnavailableNodes:spare) (partition gpu)"
+        ), run.waiting_reason
+        assert member.client.post(f"/api/runs/{again}/stop").status_code == 200
+        stopped = ended(again, timeout=60)
+        assert (stopped.status, stopped.attempt) == ("stopped", 2), stopped.error

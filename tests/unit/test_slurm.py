@@ -156,6 +156,9 @@ def test_pending_reasons_in_words():
     assert slurm.pending_words("QOSMaxGRESPerUser", "gpu").startswith("Slurm: a QOS limit")
     assert slurm.pending_words("SomethingNew") == "Slurm: SomethingNew"
     assert "not looked at it yet" in slurm.pending_words("None")
+    assert slurm.pending_words("ReqNodeNotAvail, UnavailableNodes:n3", "gpu") == (
+        "Slurm: a node it asks is not available (UnavailableNodes:n3) (partition gpu)"
+    )
 
 
 def test_a_run_on_a_slurm_host_takes_its_options_and_bad_ones_are_a_400(cluster, member):
@@ -404,3 +407,72 @@ def test_slurmstepds_memory_words_make_a_failed_job_an_oom():
         == "exit_code"
     )
     assert slurm.memory_note("") == ""
+
+
+def test_elapsed_times_as_squeue_and_sacct_write_them():
+    cases = {
+        "0:00": 0,
+        "5:03": 303,
+        "1:02:03": 3723,
+        "00:00:07": 7,
+        "2-01:02:03": 2 * 86400 + 3723,
+        "INVALID": None,
+        "": None,
+        "1-5:03": None,
+        "x:01": None,
+    }
+    assert {text: slurm.parse_elapsed(text) for text in cases} == cases
+
+
+def test_a_slurm_runs_gpu_hours_are_its_jobs_elapsed_time_times_its_gpus(placed, member):
+    """Polls see a job start and end late (every 5 to 60 s): the plan's budget counts the job's
+    own run time, as Slurm says it, times its GPUs."""
+    from datetime import timedelta
+
+    from experiments.models import Plan
+
+    plan = Plan.objects.create(title="p", author=member.user, raw_markdown="# p")
+    Run.objects.filter(pk=placed.pk).update(
+        plan=plan, gpus=2, status="running", started_at=timezone.now() - timedelta(hours=3)
+    )
+    run = Run.objects.get(pk=placed.pk)
+    done = SlurmJob("41", "COMPLETED", "gpu", "n3", "None", elapsed="1:30:00")
+    rep = RunReport(state="exited", exit_code=0, slurm=done, slurm_polled=True)
+    assert runner_slurm.apply(run, rep, complete=True, cancelled=False) is True
+    run.refresh_from_db()
+    assert (run.status, run.slurm_elapsed_seconds) == ("finished", 5400)
+    assert scheduler.plan_gpu_hours([plan.id]) == {plan.id: 3.0}, "1.5 h x 2 GPUs, not 3 h x 2"
+
+
+def test_gpus_asked_by_gres_or_gpus_with_or_without_a_type():
+    words = {
+        (None, None): "--gres=gpu:2",
+        ("a100", None): "--gres=gpu:a100:2",
+        (None, "gpus"): "--gpus=2",
+        ("a100", "gpus"): "--gpus=a100:2",
+        ("a100", "gres"): "--gres=gpu:a100:2",
+    }
+    for (kind, option), word in words.items():
+        options = {k: v for k, v in (("gpu_type", kind), ("gpu_option", option)) if v}
+        assert slurm.check_options(options) == options
+        args = slurm.sbatch_args(options, gpus=2, cpus=1, memory_mb=None, facts=FACTS)
+        assert word in args and sum(a.startswith(("--gres", "--gpus")) for a in args) == 1
+    assert not any(
+        a.startswith(("--gres", "--gpus"))
+        for a in slurm.sbatch_args({"gpu_option": "gpus"}, gpus=0, cpus=1, memory_mb=None, facts={})
+    )
+    with pytest.raises(ValueError, match="gpu_option must be one of: gres, gpus"):
+        slurm.check_options({"gpu_option": "tres"})
+    with pytest.raises(ValueError, match="gpu_type must be a GRES type"):
+        slurm.check_options({"gpu_type": "a100:4"})
+    # The types each partition has, as sinfo showed them: a type it lacks is named before
+    # anything is submitted.
+    facts = slurm.parse_sinfo(
+        "n1|gpu*|gpu:a100:4,gpu:v100:2|idle|infinite\nn2|cpu|(null)|idle|1:00:00\n"
+    )
+    assert facts["partitions"][0]["gpu_types"] == ["a100", "v100"]
+    assert facts["partitions"][0]["max_gpus_per_node"] == 6
+    assert slurm.check_against({"gpu_type": "a100"}, gpus=2, facts=facts) is None
+    assert slurm.check_against({"gpu_type": "h100"}, gpus=2, facts=facts) == (
+        "partition gpu has no GPUs of type 'h100'; its types: a100, v100"
+    )

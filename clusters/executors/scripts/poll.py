@@ -207,21 +207,22 @@ def slurm_command(argv: "list[str]", conf: str) -> str:
 
 def squeue(conf: str) -> "tuple[dict[str, dict[str, str]], dict[str, dict[str, str]]]":
     """One squeue for all of this user's jobs, finished ones too (until Slurm's MinJobAge),
-    arrays one line per element: Labsite's by run id (their names are labsite-<run id>), and
-    every job by its id (an array's elements share its name: <array id>_<k>). Raises OSError or
-    ValueError with squeue's words when it does not answer."""
+    arrays one line per element: Labsite's by run directory (their names are labsite-<run
+    directory>: one per attempt), and every job by its id (an array's elements share its
+    name: <array id>_<k>). Raises OSError or ValueError with squeue's words when it does not
+    answer."""
     import pwd
 
     user = pwd.getpwuid(os.getuid()).pw_name
     # The job name last: it is the one field a job's owner chooses freely.
     out = slurm_command(
-        ["squeue", "-h", "-r", "-t", "all", "-u", user, "-o", "%i|%T|%P|%N|%r|%j"], conf
+        ["squeue", "-h", "-r", "-t", "all", "-u", user, "-o", "%i|%T|%P|%N|%r|%M|%j"], conf
     )
     jobs: dict[str, dict[str, str]] = {}
     by_id: dict[str, dict[str, str]] = {}
     for line in out.splitlines():
-        fields = line.strip().split("|", 5)
-        if len(fields) != 6 or not fields[5].startswith(JOB_PREFIX):
+        fields = line.strip().split("|", 6)
+        if len(fields) != 7 or not fields[6].startswith(JOB_PREFIX):
             continue
         job = {
             "job_id": fields[0],
@@ -229,29 +230,31 @@ def squeue(conf: str) -> "tuple[dict[str, dict[str, str]], dict[str, dict[str, s
             "partition": fields[2],
             "nodes": fields[3],
             "reason": fields[4],
+            "elapsed": fields[5],
         }
         by_id[job["job_id"]] = job
-        run_id = fields[5][len(JOB_PREFIX) :]
-        # A run resubmitted (requeued by Labsite) has several jobs: the newest counts.
-        old = jobs.get(run_id)
+        directory = fields[6][len(JOB_PREFIX) :]
+        # Submitted twice under one name (by hand, say): the newest counts.
+        old = jobs.get(directory)
         if old is None or _job_number(job["job_id"]) > _job_number(old["job_id"]):
-            jobs[run_id] = job
+            jobs[directory] = job
     return jobs, by_id
 
 
 def sacct(conf: str, job_ids: "list[str]", since: str) -> "dict[str, dict[str, Any]]":
-    """One sacct for jobs that left squeue: by job id, their final state, exit code, nodes and
-    who cancelled them. Raises ValueError with sacct's words when it does not answer."""
+    """One sacct for jobs that left squeue: by job id, their final state, exit code, nodes, who
+    cancelled them and how long they ran. Raises ValueError with sacct's words when it does
+    not answer."""
     import pwd
 
     argv = ["sacct", "--parsable2", "-n", "-X", "-S", since, "-j", ",".join(job_ids)]
-    out = slurm_command([*argv, "-o", "JobID,State,ExitCode,NodeList,Partition"], conf)
+    out = slurm_command([*argv, "-o", "JobID,State,ExitCode,NodeList,Partition,Elapsed"], conf)
     found: dict[str, dict[str, Any]] = {}
     for line in out.splitlines():
         fields = line.strip().split("|")
-        if len(fields) != 5:
+        if len(fields) != 6:
             continue
-        job_id, state, code, nodes, partition = fields
+        job_id, state, code, nodes, partition, elapsed = fields
         words = state.split()
         by = ""
         if len(words) == 3 and words[1] == "by":
@@ -269,6 +272,7 @@ def sacct(conf: str, job_ids: "list[str]", since: str) -> "dict[str, dict[str, A
             "reason": "",
             "exit_code": int(head) if head.isdigit() else None,
             "by": by,
+            "elapsed": elapsed,
         }
     return found
 
@@ -295,8 +299,8 @@ def report(req: "dict[str, Any]") -> "dict[str, Any]":
             answer["slurm_ok"] = True
             for r in req["runs"]:
                 job_id = r.get("job") or ""
-                # An array's element by its id; a run's own job by its name.
-                job = by_id.get(job_id) if "_" in job_id else jobs.get(r["id"])
+                # An array's element by its id; a run's own job by its name (its directory).
+                job = by_id.get(job_id) if "_" in job_id else jobs.get(r["dir"])
                 runs[r["id"]]["slurm"] = job
             # Jobs that left squeue (past Slurm's MinJobAge): accounting has their end.
             gone = {
