@@ -69,12 +69,16 @@ def polled(host_id: int, *, changed: bool) -> float:
 
 def reset(host_id: int) -> None:
     """Something was asked of the cluster (a submission, a stop): poll it at the floor again,
-    from the next tick."""
+    within the floor from now, but never sooner than the floor after the last poll (a burst of
+    submissions must not become a burst of squeues: each is two or three RPCs, and clusters
+    limit each user's)."""
+    floor, _ = _bounds()
+    floor_ms = max(1, int(floor * 1000))
     try:
-        pipe = _client().pipeline()
-        pipe.delete(_key(host_id, "wait"))
-        pipe.delete(_key(host_id, "interval"))
-        pipe.execute()
+        client = _client()
+        client.delete(_key(host_id, "interval"))
+        if client.pttl(_key(host_id, "wait")) > floor_ms:
+            client.pexpire(_key(host_id, "wait"), floor_ms)
     except redis.RedisError as exc:
         log.warning("slurm host %s: poll pacing not reset (%s)", host_id, exc)
 

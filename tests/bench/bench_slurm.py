@@ -8,6 +8,9 @@ to a submission, the Slurm calls of one poll at 500 jobs, and a 1,000-element ar
 - one poll of 500 jobs: the Slurm commands the poll made (its squeue, and a sacct only where
   accounting is on and jobs left squeue) and its wall time.
 - submitting 1,000 runs as one array (sbatch_array.sh) against 1,000 sbatch.sh calls.
+- a burst of 500 runs at the default pace: the RPCs slurmctld counted (sdiag) against its own
+  rate limit at its defaults (Slurm 22.05 has no rate limit to trip: its algorithm is
+  replayed over the counts).
 
 `make bench` runs it against a scratch PostgreSQL database; writes bench-results/slurm.md.
 """
@@ -43,6 +46,10 @@ from tests.harness.worker import Worker, redis_test_client, wait_for  # noqa: E4
 N_SUBMIT = int(os.environ.get("BENCH_SLURM_SUBMITS", "20"))
 N_JOBS = int(os.environ.get("BENCH_SLURM_JOBS", "500"))
 N_ARRAY = int(os.environ.get("BENCH_SLURM_ARRAY", "1000"))
+N_BURST = int(os.environ.get("BENCH_SLURM_BURST", "500"))
+# Slurm's own RPC rate limit at its defaults (slurm.conf SlurmctldParameters=rl_enable):
+# a bucket of rl_bucket_size tokens per user, rl_refill_rate more every rl_refill_period s.
+RL_BUCKET, RL_REFILL, RL_PERIOD = 30, 2, 1.0
 
 
 def pct(samples: list[float], p: float) -> float:
@@ -102,6 +109,75 @@ def through_labsite(cluster: SlurmCluster, api: APIClient) -> tuple[list[float],
     return accepted, started
 
 
+def user_rpcs(cluster: SlurmCluster, user: str) -> int:
+    """The RPCs slurmctld has counted for this user since it started (sdiag, by user)."""
+    for line in cluster.run("sdiag").splitlines():
+        fields = line.split()
+        if fields and fields[0] == user:
+            for field in fields:
+                if field.startswith("count:"):
+                    return int(field.removeprefix("count:"))
+    return 0
+
+
+def refused_by_rl(samples: list[tuple[float, int]]) -> int:
+    """How many of these RPCs (cumulative counts at times) Slurm's limiter at its defaults
+    would have refused: RL_BUCKET tokens, RL_REFILL more at each RL_PERIOD."""
+    tokens, refused = float(RL_BUCKET), 0
+    start = samples[0][0]
+    last_period, last_count = 0, samples[0][1]
+    for at, count in samples[1:]:
+        period = int((at - start) / RL_PERIOD)
+        tokens = min(RL_BUCKET, tokens + RL_REFILL * (period - last_period))
+        last_period = period
+        tokens -= count - last_count
+        last_count = count
+        if tokens < 0:
+            refused += int(-tokens)
+            tokens = 0
+    return refused
+
+
+def burst(cluster: SlurmCluster, api: APIClient, submitter: str) -> dict[str, float]:
+    """N_BURST runs created at once through the API, submitted by a worker at the default
+    pace: how long until every job id is known, and the submitting user's RPCs as slurmctld
+    counted them (sampled every 0.2 s), replayed through Slurm's limiter at its defaults."""
+    from experiments.models import Run
+
+    samples = [(time.monotonic(), user_rpcs(cluster, submitter))]
+    began = time.monotonic()
+    ids = []
+    for i in range(N_BURST):
+        response = api.post(
+            "/api/runs",
+            {"command": "true", "name": f"burst-{i}", "host": "slurm", "auto_start": True},
+            format="json",
+        )
+        assert response.status_code == 201, response.content
+        ids.append(response.json()["id"])
+    created_s = time.monotonic() - began
+    while Run.objects.filter(pk__in=ids, slurm_job_id="").exists():
+        samples.append((time.monotonic(), user_rpcs(cluster, submitter)))
+        assert time.monotonic() - began < N_BURST * 2 + 120, "the burst did not go through"
+        time.sleep(0.2)
+    submitted_s = time.monotonic() - began
+    samples.append((time.monotonic(), user_rpcs(cluster, submitter)))
+    counts = [c for _, c in samples]
+    per_second = 0
+    for i, (at, count) in enumerate(samples):
+        later = [c for t, c in samples[i:] if t - at <= 1.0]
+        per_second = max(per_second, later[-1] - count)
+    failed = Run.objects.filter(pk__in=ids, status="failed").count()
+    return {
+        "created_s": created_s,
+        "submitted_s": submitted_s,
+        "rpcs": counts[-1] - counts[0],
+        "peak_per_second": per_second,
+        "refused": refused_by_rl(samples),
+        "failed": failed,
+    }
+
+
 def specs(root: str, prefix: str, n: int) -> list[LaunchSpec]:
     return [
         LaunchSpec(
@@ -134,6 +210,15 @@ def main() -> None:
             labsite = through_labsite(cluster, api)
         finally:
             worker.stop()
+        user = localuser.run_user()
+        submitter = user.name if user is not None else cluster.run("id", "-un").strip()
+        # The burst at the default pace (LABSITE_SLURM_SUBMITS_PER_SECOND, _SUBMIT_BURST).
+        worker = Worker(logs).start()
+        try:
+            bursting = burst(cluster, api, submitter)
+        finally:
+            worker.stop()
+        cluster.run("scancel", "-u", submitter, check=False)
         executor = executor_for(host)
         assert isinstance(executor, SlurmExecutor)
         with run_user_dir() as where:
@@ -153,8 +238,6 @@ def main() -> None:
             poll_ms = (time.perf_counter() - began) * 1000
             poll_calls = executor.calls
             seen = sum(1 for r in reports.values() if r.slurm is not None)
-            user = localuser.run_user()
-            submitter = user.name if user is not None else cluster.run("id", "-un").strip()
             cluster.run("scancel", "-u", submitter, check=False)
             began = time.perf_counter()
             jobs = executor.submit_array(
@@ -193,6 +276,19 @@ def main() -> None:
         f"| Slurm commands made (squeue; sacct only for jobs gone from squeue) | {poll_calls} |",
         f"| jobs the poll saw | {seen} |",
         f"| wall time | {poll_ms:.0f} ms |",
+        "",
+        f"{N_BURST} runs created at once through the API (in {bursting['created_s']:.1f} s), "
+        "submitted one job each at the default pace (1.2 a second, 20 at once); the "
+        "submitting user's RPCs as slurmctld counted them (sdiag), replayed through Slurm's "
+        f"own limiter at its defaults (a bucket of {RL_BUCKET}, {RL_REFILL} a second):",
+        "",
+        "| burst | value |",
+        "|---|---:|",
+        f"| every job id known after | {bursting['submitted_s']:.0f} s |",
+        f"| RPCs to slurmctld (submissions and polls) | {bursting['rpcs']:.0f} |",
+        f"| most RPCs in one second | {bursting['peak_per_second']:.0f} |",
+        f"| RPCs Slurm's limiter would have refused | {bursting['refused']:.0f} |",
+        f"| runs failed | {bursting['failed']:.0f} |",
         "",
         f"| submitting {N_ARRAY} runs | seconds |",
         "|---|---:|",

@@ -40,8 +40,14 @@ def test_a_slurm_clusters_poll_backs_off_while_nothing_changes_and_counts_its_ca
     assert slurm_pacing.poll_due(host_id)
     assert slurm_pacing.polled(host_id, changed=True) == 0.2, "a change: back to the floor"
     slurm_pacing.polled(host_id, changed=False)
-    slurm_pacing.reset(host_id)  # a submission
-    assert slurm_pacing.poll_due(host_id) and slurm_pacing.interval(host_id) == 0.2
+    slurm_pacing.polled(host_id, changed=False)  # the next poll in 0.8 s
+    slurm_pacing.reset(host_id)  # a submission: the next poll within the floor, not at once
+    assert slurm_pacing.interval(host_id) == 0.2
+    assert not slurm_pacing.poll_due(host_id), "a submission is not a poll of its own"
+    time.sleep(0.25)
+    assert slurm_pacing.poll_due(host_id), "the floor from the submission, not 0.8 s"
+    slurm_pacing.reset(host_id)  # nothing to shorten: the poll is due already
+    assert slurm_pacing.poll_due(host_id)
     assert slurm_pacing.calls_per_minute(host_id) == 0
     slurm_pacing.record_calls(host_id, 2)
     slurm_pacing.record_calls(host_id, 3)

@@ -114,7 +114,8 @@ def test_runs_become_jobs_with_their_resources_and_end_as_slurm_says(
     no = ended(refused)
     assert (no.status, no.reason) == ("failed", "launch_error"), (no.status, no.error)
     assert "sbatch:" in no.error and not no.slurm_job_id, no.error
-    # Two submissions (a lookup and an sbatch each) and the polls, counted on the host.
+    # The submissions (an sbatch each: their run directories are new) and the polls, counted
+    # on the host.
     shown = member.client.get("/api/hosts/slurm").json()
     assert shown["slurm_calls_per_minute"] >= 5, shown
     assert shown["slurm_poll_seconds"] >= 2.0, shown

@@ -7,8 +7,8 @@
 # shell) and conf (SLURM_CONF for the client commands, or empty).
 #
 # Safe to run twice: a run that may already have been submitted (a worker killed mid-submit)
-# is looked up first, by the job id it recorded, then by its job name in squeue, so it is
-# submitted once. The job runs the same wrapper as every other host's runs (it writes pid,
+# is looked up first, by the job id it recorded, then (where its run directory was there
+# already) by its job name in squeue, so it is submitted once. The job runs the same wrapper as every other host's runs (it writes pid,
 # started_at and exit_code in the run directory); Slurm pins its GPUs, so the wrapper's
 # parameters set no CUDA_VISIBLE_DEVICES.
 {
@@ -30,22 +30,28 @@ fi
 # How many Slurm commands this made, for the host's calls-per-minute figure.
 calls=0
 answer() { echo "LABSITE_CALLS $calls"; echo "LABSITE_JOB $1"; exit 0; }
+# A run directory made now had no submission before this one: no lookup, one Slurm call fewer
+# (clusters limit each user's calls). One that was there may have (a worker killed mid-submit).
+fresh=1
+[ -d "$d" ] && fresh=0
 mkdir -p "$d" || { echo "LABSITE_ERROR cannot create the run directory"; exit 1; }
 [ -e "$d/cancelled" ] && { echo "LABSITE_CANCELLED"; exit 0; }
 job=''
 [ -s "$d/job_id" ] && read -r job < "$d/job_id" && [ -n "$job" ] && answer "$job"
-# Submitted before the job id was recorded: squeue knows the job by its name.
-calls=$((calls + 1))
-# stderr apart: Slurm prints warnings there even when it succeeds; ids are stdout's lines.
-found=$(squeue -h -t all -n "$name" -o %i 2>"$d/.slurm.err") \
-  || { echo "LABSITE_ERROR squeue: $(tr '\n' ' ' < "$d/.slurm.err")"; exit 1; }
-job=''
-while read -r line; do
-  [[ $line =~ ^[0-9]+(_[0-9]+)?$ ]] && { job=$line; break; }
-done <<<"$found"
-if [ -n "$job" ]; then
-  echo "$job" > "$d/job_id"
-  answer "$job"
+if [ "$fresh" = 0 ]; then
+  # Submitted before the job id was recorded: squeue knows the job by its name.
+  calls=$((calls + 1))
+  # stderr apart: Slurm prints warnings there even when it succeeds; ids are stdout's lines.
+  found=$(squeue -h -t all -n "$name" -o %i 2>"$d/.slurm.err") \
+    || { echo "LABSITE_ERROR squeue: $(tr '\n' ' ' < "$d/.slurm.err")"; exit 1; }
+  job=''
+  while read -r line; do
+    [[ $line =~ ^[0-9]+(_[0-9]+)?$ ]] && { job=$line; break; }
+  done <<<"$found"
+  if [ -n "$job" ]; then
+    echo "$job" > "$d/job_id"
+    answer "$job"
+  fi
 fi
 emit command > "$d/command.sh" && emit wrapper > "$d/params" \
   && emit wrapper_script > "$d/launch.sh" \
