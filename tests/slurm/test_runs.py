@@ -460,3 +460,25 @@ def test_a_job_whose_node_fails_goes_again_without_that_node_where_the_run_allow
         assert member.client.post(f"/api/runs/{again}/stop").status_code == 200
         stopped = ended(again, timeout=60)
         assert (stopped.status, stopped.attempt) == ("stopped", 2), stopped.error
+
+
+def test_a_job_that_ends_while_no_worker_runs_gets_its_exit_code_from_the_next(
+    slurm_cluster: SlurmCluster, celery_worker: Any, member: Any
+) -> None:
+    """GIVEN a running job WHEN the worker (and its beat) is stopped and the job ends meanwhile
+    THEN the next worker gives the run its end: failed, with the job's exit code."""
+    detected(slurm_cluster)
+    run_id = create(member.client, command="sleep 4; exit 3")
+    wait_for(lambda: Run.objects.get(pk=run_id).status == "running", timeout=60, what="running")
+    celery_worker.stop()
+    job = Run.objects.get(pk=run_id).slurm_job_id
+
+    def over() -> bool:
+        state = slurm_cluster.run("squeue", "-h", "-t", "all", "-j", job, "-o", "%T").strip()
+        return state == "FAILED"
+
+    wait_for(over, timeout=30, what="the job's end in Slurm")
+    assert Run.objects.get(pk=run_id).status == "running", "nobody was there to see it"
+    celery_worker.start()
+    run = ended(run_id, timeout=60)
+    assert (run.status, run.reason, run.exit_code) == ("failed", "exit_code", 3), run.error
