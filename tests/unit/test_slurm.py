@@ -476,3 +476,20 @@ def test_gpus_asked_by_gres_or_gpus_with_or_without_a_type():
     assert slurm.check_against({"gpu_type": "h100"}, gpus=2, facts=facts) == (
         "partition gpu has no GPUs of type 'h100'; its types: a100, v100"
     )
+
+
+def test_the_reconcile_pass_keeps_a_clusters_pace(placed, monkeypatch):
+    """Every host with active runs is asked again by the reconcile pass, but a Slurm cluster
+    only once its poll is due: its squeues count against the user's RPC limit."""
+    from clusters import slurm_pacing
+    from experiments import jobs
+    from experiments.runner.reconcile import reconcile
+
+    asked: list[int] = []
+    monkeypatch.setattr(jobs, "poll_soon", asked.append)
+    slurm_pacing.reset(placed.host_id)
+    slurm_pacing.polled(placed.host_id, changed=True)  # just polled: the next in 5 s
+    assert reconcile().get("hosts", 0) == 0 and asked == []
+    monkeypatch.setattr(slurm_pacing, "poll_due", lambda host_id: True)
+    reconcile()
+    assert asked == [placed.host_id]
