@@ -35,7 +35,7 @@ mkdir -p "$LABSITE_DATA_DIR"
 # bench_reads) keeps its runs in tmux windows; bench_slurm starts a single-node Slurm.
 apt_install openssh-server openssh-client iproute2 tmux munge slurm-wlm
 # BENCH="sched burst" make bench runs only those.
-for name in ${BENCH:-api reads runs sched burst slurm}; do
+for name in ${BENCH:-api reads runs sched burst slurm scale}; do
   [ -f "tests/bench/bench_$name.py" ] || die "no benchmark named $name"
   fresh_db
   "$PY" "tests/bench/bench_$name.py"

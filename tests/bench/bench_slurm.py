@@ -278,7 +278,7 @@ def main() -> None:
         f"| wall time | {poll_ms:.0f} ms |",
         "",
         f"{N_BURST} runs created at once through the API (in {bursting['created_s']:.1f} s), "
-        "submitted one job each at the default pace (1.2 a second, 20 at once); the "
+        "submitted one job each at the default pace (1 a second, 20 at once); the "
         "submitting user's RPCs as slurmctld counted them (sdiag), replayed through Slurm's "
         f"own limiter at its defaults (a bucket of {RL_BUCKET}, {RL_REFILL} a second):",
         "",

@@ -136,7 +136,7 @@ def test_serve_runs_site_worker_beat_and_watcher_and_one_ctrl_c_stops_them(tmp_p
         login = urllib.request.urlopen(f"http://127.0.0.1:{port}/login", timeout=5)  # noqa: S310
         assert b"csrfmiddlewaretoken" in login.read()
         children = children_of(proc.pid)
-        assert len(children) == 4, "web, worker, beat and watcher"
+        assert len(children) == 2, "web and worker (beat runs inside it, the watcher in serve)"
         # gunicorn's default control socket (~/.gunicorn/gunicorn.ctl) is one per Unix user:
         # another instance on the machine would take it over, and delete it when it stops.
         assert not (tmp_path / "home" / ".gunicorn").exists(), "gunicorn made a control socket"

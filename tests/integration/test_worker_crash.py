@@ -105,8 +105,8 @@ class HealthProbe(threading.Thread):
 
 def test_serve_restarts_a_worker_killed_with_sigkill_and_the_site_keeps_serving(tmp_path):
     """GIVEN `manage.py serve` up WHEN its Celery worker is killed with SIGKILL THEN the site answers
-    all along, web, beat and the watcher stay as they were, a new worker comes up, and serve's
-    log says which child died, how, and when it restarts."""
+    all along, web and the watcher stay as they were, a new worker (and its beat) comes up, and
+    serve's log says which child died, how, and when it restarts."""
     redis_test_client().flushdb()
     env = serve_env(tmp_path)
     subprocess.run([*MANAGE, "migrate", "--noinput", "-v0"], env=env, check=True, timeout=300)

@@ -1,12 +1,19 @@
-"""Run web (gunicorn), the Celery worker, Celery beat and the host watcher in the foreground, and
-restart any of them that dies."""
+"""Run web (gunicorn), the Celery worker (with beat inside it) and the host watcher in the
+foreground, and restart any of them that dies.
+
+Sized for one lab server by default (labsite/gunicorn.py, labsite/celery.py and the README
+say how to size it for a bigger lab): 2 web processes forked from a preloaded master, 2 pool
+processes under the worker, beat forked from the worker, the watcher a thread of this process
+(an interpreter of its own held 76 MB PSS to follow the hosts' event files)."""
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -63,6 +70,55 @@ class Child:
         )
 
 
+class WatcherThread:
+    """The host watcher (experiments.watcher) as a thread of serve, started again, like a
+    child, when it dies."""
+
+    name = "watcher"
+
+    def __init__(self) -> None:
+        self.stopping = threading.Event()
+        self.thread: threading.Thread | None = None
+        self.started_at = 0.0
+        self.backoff = BACKOFF_FIRST
+        self.restart_at: float | None = None
+
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self._run, name="watcher", daemon=True)
+        self.thread.start()
+        self.started_at = time.monotonic()
+        self.restart_at = None
+
+    def _run(self) -> None:
+        from experiments import watcher
+
+        try:
+            watcher.watch_forever(self.stopping)
+        except Exception:  # noqa: BLE001 - said, then started again by check()
+            logging.getLogger(__name__).exception("the watcher stopped")
+
+    def check(self, now: float) -> str | None:
+        if self.stopping.is_set():
+            return None
+        if self.restart_at is not None:
+            if now >= self.restart_at:
+                self.start()
+            return None
+        if self.thread is None or self.thread.is_alive():
+            if now - self.started_at >= STABLE_AFTER:
+                self.backoff = BACKOFF_FIRST
+            return None
+        delay, self.backoff = self.backoff, min(self.backoff * 2, BACKOFF_MAX)
+        self.restart_at = now + delay
+        stamp = f"{datetime.now():%Y-%m-%d %H:%M:%S}"
+        return f"{stamp} serve: the watcher stopped; restarting it in {delay:g} s"
+
+    def stop(self) -> None:
+        self.stopping.set()
+        if self.thread is not None:
+            self.thread.join(timeout=STOP_GRACE)
+
+
 def _how_it_ended(returncode: int) -> str:
     if returncode >= 0:
         return f"exited with code {returncode}"
@@ -81,7 +137,7 @@ def _signal_group(pgid: int, sig: signal.Signals) -> None:
 
 class Command(BaseCommand):
     help = (
-        "Run site + worker + beat + watcher in the foreground, restarting any that dies; "
+        "Run site + worker (with beat) + watcher in the foreground, restarting any that dies; "
         "Ctrl-C stops them all."
     )
 
@@ -93,6 +149,8 @@ class Command(BaseCommand):
         children = [Child(name, argv) for name, argv in _commands(host, port).items()]
         for child in children:
             child.start()
+        watching = WatcherThread()
+        watching.start()
         shown = "localhost" if host in ("127.0.0.1", "0.0.0.0") else host  # noqa: S104
         self.stdout.write(
             self.style.SUCCESS(f"Labsite is up: http://{shown}:{port}/  (API: /api/docs)")
@@ -107,11 +165,12 @@ class Command(BaseCommand):
         signal.signal(signal.SIGINT, stop)
         signal.signal(signal.SIGTERM, stop)
         while not stopping:
-            for child in children:
-                line = child.check(time.monotonic())
+            now = time.monotonic()
+            for line in [child.check(now) for child in children] + [watching.check(now)]:
                 if line:
                     self.stderr.write(line)
             time.sleep(0.2)
+        watching.stop()
         _stop_all(children)
 
 
@@ -137,7 +196,11 @@ def _commands(host: str, port: int) -> dict[str, list[str]]:
             "--bind",
             f"{host}:{port}",
             "--workers",
-            os.environ.get("WEB_CONCURRENCY", "3"),
+            os.environ.get("WEB_CONCURRENCY", "2"),
+            # Loaded once and forked (labsite/gunicorn.py says what that saves).
+            "--preload",
+            "--config",
+            "python:labsite.gunicorn",
             "--timeout",
             "60",
             "--access-logfile",
@@ -154,16 +217,12 @@ def _commands(host: str, port: int) -> dict[str, list[str]]:
             "worker",
             "--loglevel=INFO",
             "--concurrency",
-            os.environ.get("WORKER_CONCURRENCY", "4"),
-        ],
-        "beat": [
-            os.path.join(bindir, "celery"),
-            "-A",
-            "labsite",
-            "beat",
-            "--loglevel=INFO",
+            os.environ.get("WORKER_CONCURRENCY", "2"),
+            # Beat inside the worker (forked from it, sharing its pages: 85 MB PSS less than a
+            # process of its own). One instance runs one worker, so one beat; a lab with
+            # workers on several machines runs beat once, on its own (the Procfile's `beat`).
+            "-B",
             "--schedule",
-            settings.CELERY_BEAT_SCHEDULE_FILENAME,
+            str(settings.CELERY_BEAT_SCHEDULE_FILENAME),
         ],
-        "watcher": [sys.executable, str(settings.BASE_DIR / "manage.py"), "watch_hosts"],
     }
