@@ -32,6 +32,18 @@ def _tail(run_id: str, size: int) -> bytes:
         return b""
 
 
+def next_attempt(run: Run) -> dict[str, Any]:
+    """The fields a run goes back to the queue with: its next attempt, which starts in a run
+    directory of its own (experiments.rundir), its log continuing the server's copy."""
+    return {
+        "attempt": run.attempt + 1,
+        "log_base": run.log_size,
+        "metrics_offset": 0,
+        "pid": None,
+        "exit_code": None,
+    }
+
+
 def end_failed(run: Run, code: int | None) -> bool:
     """A real CUDA out-of-memory is the run's failure (cuda_oom); "all CUDA-capable devices are
     busy" means its GPU was taken meanwhile: back to the queue, at most MAX_BUSY_REQUEUES times."""
@@ -53,14 +65,7 @@ def end_failed(run: Run, code: int | None) -> bool:
             reason="gpu_busy_requeue",
             message=f"its GPU was taken meanwhile (all CUDA-capable devices busy); back to the "
             f"queue, attempt {run.attempt + 1} of {MAX_BUSY_REQUEUES + 1}",
-            fields={
-                "attempt": run.attempt + 1,
-                "log_base": run.log_size,
-                "metrics_offset": 0,
-                "pid": None,
-                "exit_code": None,
-                **({} if run.host_pinned else {"host_id": None}),
-            },
+            fields={**next_attempt(run), **({} if run.host_pinned else {"host_id": None})},
             expect={"attempt": run.attempt},
         )
     return end_run(run, RunStatus.FAILED, RunReason.EXIT_CODE, f"exit code {code}", code)

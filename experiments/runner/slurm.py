@@ -35,7 +35,7 @@ from experiments.actors import Actor
 from experiments.choices import RunReason, RunStatus
 from experiments.models import Run, Sweep
 from experiments.rundir import run_dir_name
-from experiments.runner.ending import end_run
+from experiments.runner.ending import end_run, next_attempt
 from labsite import buckets, locks
 
 log = logging.getLogger(__name__)
@@ -88,16 +88,7 @@ def _requeue_without_node(run: Run, host: Host, message: str, nodes: str) -> boo
         reason="slurm_node_fail_requeue",
         message=f"{message}; back to the queue without {nodes}, attempt {run.attempt + 1} of "
         f"{limit + 1}",
-        fields={
-            "attempt": run.attempt + 1,
-            "log_base": run.log_size,
-            "metrics_offset": 0,
-            "pid": None,
-            "exit_code": None,
-            "slurm_job_id": "",
-            "slurm_state": "",
-            "slurm": options,
-        },
+        fields={**next_attempt(run), "slurm_job_id": "", "slurm_state": "", "slurm": options},
         expect={"attempt": run.attempt},
     )
 

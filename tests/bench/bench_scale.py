@@ -17,6 +17,7 @@ BENCH_SCALE_RUNS make it smaller.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import os
@@ -27,6 +28,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -101,8 +103,10 @@ def _poll_in_thread(host_id: int) -> None:
         connection.close()
 
 
-def poll_cycles(hosts: list[Host], n: int = 5) -> dict[str, float]:
-    calls = Counter()
+@contextlib.contextmanager
+def counted_trips() -> Iterator[Counter]:
+    """SSH round trips, by host, while it lasts."""
+    calls: Counter = Counter()
     original = SshTransport.run
 
     def counted(self, *a, **k):  # type: ignore[no-untyped-def]
@@ -110,8 +114,15 @@ def poll_cycles(hosts: list[Host], n: int = 5) -> dict[str, float]:
         return original(self, *a, **k)
 
     SshTransport.run = counted  # type: ignore[method-assign]
-    walls = []
     try:
+        yield calls
+    finally:
+        SshTransport.run = original  # type: ignore[method-assign]
+
+
+def poll_cycles(hosts: list[Host], n: int = 5) -> dict[str, float]:
+    walls = []
+    with counted_trips() as calls:
         for _ in range(n):
             began = time.perf_counter()
             threads = [threading.Thread(target=_poll_in_thread, args=(h.pk,)) for h in hosts]
@@ -120,8 +131,6 @@ def poll_cycles(hosts: list[Host], n: int = 5) -> dict[str, float]:
             for t in threads:
                 t.join()
             walls.append((time.perf_counter() - began) * 1000)
-    finally:
-        SshTransport.run = original  # type: ignore[method-assign]
     return {
         "wall_p50": statistics.median(walls),
         "wall_max": max(walls),
@@ -132,22 +141,15 @@ def poll_cycles(hosts: list[Host], n: int = 5) -> dict[str, float]:
 def _poller(host_ids: list[int], pipe: Any) -> None:
     """A process like one of the worker's pool: polls its share of the hosts (in threads, as
     each arrives) whenever the bench says go, and answers with its SSH round trips."""
-    calls = Counter()
-    original = SshTransport.run
-
-    def counted(self, *a, **k):  # type: ignore[no-untyped-def]
-        calls[self.target.hostname] += 1
-        return original(self, *a, **k)
-
-    SshTransport.run = counted  # type: ignore[method-assign]
-    while pipe.recv():
-        calls.clear()
-        threads = [threading.Thread(target=_poll_in_thread, args=(h,)) for h in host_ids]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        pipe.send(dict(calls))
+    with counted_trips() as calls:
+        while pipe.recv():
+            calls.clear()
+            threads = [threading.Thread(target=_poll_in_thread, args=(h,)) for h in host_ids]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            pipe.send(dict(calls))
 
 
 def poll_cycles_in(processes: int, hosts: list[Host], n: int = 5) -> dict[str, float]:
