@@ -8,9 +8,9 @@
 #
 # Safe to run twice: a run that may already have been submitted (a worker killed mid-submit)
 # is looked up first, by the job id it recorded, then (where its run directory was there
-# already) by its job name in squeue, so it is submitted once. The job runs the same wrapper as every other host's runs (it writes pid,
-# started_at and exit_code in the run directory); Slurm pins its GPUs, so the wrapper's
-# parameters set no CUDA_VISIBLE_DEVICES.
+# already) by its job name in squeue, so it is submitted once. The job runs the same wrapper
+# as every other host's runs (it writes pid, started_at and exit_code in the run directory);
+# Slurm pins its GPUs, so the wrapper's parameters set no CUDA_VISIBLE_DEVICES.
 {
 set -u
 umask 077
