@@ -41,11 +41,11 @@ def hosts_to_poll() -> list[int]:
 def reconcile() -> dict[str, int]:
     """Bring every launching/running run in line with its host; retry lost cancels."""
     counts: dict[str, int] = defaultdict(int)
-    clusters = set(Host.objects.filter(kind=HostKind.SLURM).values_list("id", flat=True))
+    # The hosts the tick would poll now: a Slurm cluster keeps its pace (it limits each
+    # user's calls), and the tick polls it as soon as it is due.
+    due = set(hosts_to_poll())
     for host_id in hosts_with_active_runs():
-        if host_id in clusters and not slurm_pacing.poll_due(host_id):
-            # A Slurm cluster keeps its pace (it limits each user's calls): the timer's tick
-            # polls it as soon as it is due.
+        if host_id not in due:
             continue
         # Through the task, so the per-host lock keeps polls of one host from overlapping.
         jobs.poll_soon(host_id)
