@@ -401,19 +401,36 @@ def never_fits(
             machines.pop(LOCAL_HOST_NAME, None)
         return _too_small(machines, cpus, memory_mb, host)
     want = need_mb(min_free_mem_mb)
+    # A GPU run counts its CPUs (and memory) against its host's too: a host with the GPUs but
+    # too few CPU slots can never take it either.
+    room = {
+        host_id: (slots if slots is not None else count, memory)
+        for host_id, _, _, slots, count, memory in _HOSTS.rows()
+    }
     sizes: dict[str, int] = defaultdict(int)  # host name -> its GPUs large enough for the run
+    roomy: dict[str, int] = defaultdict(int)  # the same, on hosts with room for its CPUs
     for host_id, name, total in _GPU_SIZES.rows():
         if host is None or host_id == host.pk:
             sizes[name] += total >= want
+            slots, memory = room.get(host_id, (None, None))
+            if (slots is None or slots >= cpus) and (memory is None or (memory_mb or 0) <= memory):
+                roomy[name] += total >= want
     if not may_use_local and LOCAL_HOST_NAME in sizes:
         del sizes[LOCAL_HOST_NAME]
+        roomy.pop(LOCAL_HOST_NAME, None)
         if not sizes:
             return f"{needs(gpus, min_free_mem_mb)}; {LOCAL_HOST_NAME} takes admins' runs only"
     if not sizes:
         return f"{needs(gpus, min_free_mem_mb)}; {HOST_GONE if host else NO_GPU_HOST}"
     most = max(sizes.values())
-    if most >= gpus:
-        return None
     where = host.name if host is not None else "the largest host"
+    if most >= gpus:
+        if max(roomy.values(), default=0) >= gpus:
+            return None
+        return (
+            f"{needs(gpus, min_free_mem_mb)} and {needs_cpu(cpus, memory_mb)[6:]}; "
+            f"no host with {gpus} such GPU(s) has that many CPU slots"
+            + (" and that much memory" if memory_mb else "")
+        )
     large = f" of {want} MB or more" if want else ""
     return f"{needs(gpus, min_free_mem_mb)}; {where} has {most}{large}"

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-import math
+import logging
+import threading
 import time
 from collections import Counter
 from typing import Any
 
 from django.conf import settings
-from django.db.models import Count, Prefetch, Q, QuerySet, Sum
+from django.db import connections
+from django.db.models import Count, F, Max, Min, Prefetch, Q, QuerySet, Sum
 from django.db.models.functions import Length, Substr
 
 from clusters.choices import HostKind
@@ -18,6 +20,8 @@ from experiments.choices import ACTIVE, RunStatus
 from experiments.models import Alert, GpuLease, Run, RunEvent, Sweep
 from experiments.rundir import log_path
 from labsite.validation import lab_limit
+
+logger = logging.getLogger(__name__)
 
 GPU_FREE = "free"
 GPU_LEASED = "leased"
@@ -206,22 +210,45 @@ def capacity(
 
 
 _health_cache: tuple[float, dict[str, Any]] | None = None
+_health_refresh = threading.Lock()  # held by the thread that reads it again
 
 
 def system_health_recent() -> dict[str, Any]:
     """system_health as this process read it at most LABSITE_HEALTH_CACHE_SECONDS ago (1 s;
     0 reads it every time). Agents call it in their monitoring loops, every few seconds each:
     counts a second old cost them nothing, and a read of the whole lab per call costs the
-    server the most of any agent read (20 ms on a 2-core machine at 1,000 runs)."""
+    server the most of any agent read (45 ms on a 2-core machine at 100,000 runs).
+
+    Past its age, and for as long again, the answer is still given, while a thread of this
+    process reads it again: no request waits for the read (it made the 95th percentile 46 ms
+    at 100,000 runs). Older than that (nobody asked for a while), it is read there and then."""
     global _health_cache
     ttl = float(settings.LABSITE["HEALTH_CACHE_SECONDS"])
     now = time.monotonic()
     cached = _health_cache
-    if cached is not None and ttl > 0 and now - cached[0] < ttl:
-        return cached[1]
+    if cached is not None and ttl > 0:
+        age = now - cached[0]
+        if age < ttl:
+            return cached[1]
+        if age < 2 * ttl:
+            if _health_refresh.acquire(blocking=False):
+                threading.Thread(target=_refresh_health, name="health", daemon=True).start()
+            return cached[1]
     value = system_health()
     _health_cache = (now, value)
     return value
+
+
+def _refresh_health() -> None:
+    global _health_cache
+    try:
+        started = time.monotonic()
+        _health_cache = (started, system_health())
+    except Exception:
+        logger.exception("system health could not be read again")
+    finally:
+        connections.close_all()  # this thread's own
+        _health_refresh.release()
 
 
 def system_health() -> dict[str, Any]:
@@ -374,17 +401,48 @@ def run_log(run: Run, *, offset: int, limit: int) -> dict[str, Any]:
 
 
 def run_metrics(run: Run, *, max_points: int = 2000) -> dict[str, Any]:
-    """Series per key ({step, value}, downsampled for charts) and the latest values."""
+    """Series per key ({step, value}, in the order they were logged) and the latest values.
+
+    A series longer than `max_points` is downsampled in the database, not in Python: its
+    points fall into max_points / 2 buckets of equal width in the run's sequence, and each
+    bucket gives its lowest and its highest value (at the bucket's first and last step), so a
+    spike or a divergence stays visible; the first and the last point are kept exactly. A
+    100,000-point series costs two grouped queries, never 100,000 rows in Python."""
     from experiments.models import Metric
 
+    mine = Metric.objects.filter(run=run)
+    shape = mine.values("key").annotate(n=Count("id"), lo=Min("seq"), hi=Max("seq")).order_by()
+    long = {row["key"]: row for row in shape if row["n"] > max_points}
     series: dict[str, list[dict[str, Any]]] = {}
-    for key, step, value in (
-        Metric.objects.filter(run=run).order_by("key", "seq").values_list("key", "step", "value")
-    ):
+    short = mine.exclude(key__in=list(long)) if long else mine
+    for key, step, value in short.order_by("key", "seq").values_list("key", "step", "value"):
         series.setdefault(key, []).append({"step": step, "value": value})
-    for key, points in series.items():
-        if len(points) > max_points:
-            stride = math.ceil(len(points) / max_points)
-            series[key] = points[::stride] + ([points[-1]] if (len(points) - 1) % stride else [])
+    for key, row in sorted(long.items()):
+        series[key] = _downsampled(mine.filter(key=key), row["lo"], row["hi"], max_points)
     latest = {k: v["value"] for k, v in run.metrics_latest.items()}
-    return {"run_id": run.id, "series": series, "latest": latest}
+    return {"run_id": run.id, "series": dict(sorted(series.items())), "latest": latest}
+
+
+def _downsampled(points: QuerySet[Any], lo: int, hi: int, max_points: int) -> list[dict[str, Any]]:
+    buckets = max(1, max_points // 2 - 1)
+    width = (hi - lo) // buckets + 1
+    grouped = (
+        points.annotate(bucket=(F("seq") - lo) / width)
+        .values("bucket")
+        .annotate(
+            first=Min("step"), last=Max("step"), low=Min("value"), high=Max("value"), at=Min("seq")
+        )
+        .order_by("bucket")
+    )
+    ends = {
+        seq: (step, value)
+        for seq, step, value in points.filter(seq__in=[lo, hi]).values_list("seq", "step", "value")
+    }
+    out = [{"step": ends[lo][0], "value": ends[lo][1]}]
+    for row in grouped:
+        out.append({"step": row["first"], "value": row["low"]})
+        if row["high"] != row["low"]:
+            out.append({"step": row["last"], "value": row["high"]})
+    if hi != lo:
+        out.append({"step": ends[hi][0], "value": ends[hi][1]})
+    return out

@@ -99,14 +99,18 @@ def _databases() -> dict:
         raise ImproperlyConfigured(f"DATABASE_URL is not a database URL: {exc}") from exc
     if db["ENGINE"] == "django.db.backends.sqlite3":
         # Web, worker and beat write one file at once: WAL, a busy timeout and
-        # BEGIN IMMEDIATE keep them from meeting "database is locked".
-        db["CONN_MAX_AGE"] = 0
+        # BEGIN IMMEDIATE keep them from meeting "database is locked". Connections persist as
+        # on PostgreSQL (a reader outside a transaction holds no snapshot in WAL mode): a new
+        # one per request, with its PRAGMAs, was a third of an agent's `GET /runs/{id}`.
         db["OPTIONS"] = {
             "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
             "transaction_mode": "IMMEDIATE",
             "timeout": 20,
         }
     elif db["ENGINE"] == "django.db.backends.postgresql":
+        # Django's backend, with a health check that sends nothing while the server has said
+        # nothing (labsite/db/postgresql/base.py).
+        db["ENGINE"] = "labsite.db.postgresql"
         db["CONN_HEALTH_CHECKS"] = True
     return {"default": db}
 

@@ -2,7 +2,7 @@
 
 A poll reports every active run of a host at once, and copy_outputs writes what all of them
 brought in a fixed number of queries: log bytes go to files, the runs' offsets and the new
-Metric rows to the database in one transaction (bulk updates, one bulk insert), however many
+Metric rows to the database in one transaction (batched updates, one bulk insert), however many
 runs had something new. The offsets are bookkeeping: they decide no state.
 """
 
@@ -23,6 +23,7 @@ from clusters.executors import (
 )
 from experiments.models import Metric, Run
 from experiments.rundir import log_path
+from labsite.bulk import update_each
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ def copy_outputs(pairs: Iterable[tuple[Run, RunReport]]) -> set[str]:
     if logs or metrics:
         with transaction.atomic():
             if logs:
-                Run.objects.bulk_update(logs, ["log_size"])
+                update_each(logs, ["log_size"])
             if metrics:
                 _store_metrics(metrics)
     return complete
@@ -124,5 +125,5 @@ def _store_metrics(batch: list[_NewMetrics]) -> None:
         run.metrics_offset, run.metrics_seq, run.metrics_latest = new.read_to, seq, latest
         moved.append(run)
     if moved:
-        Run.objects.bulk_update(moved, ["metrics_offset", "metrics_seq", "metrics_latest"])
+        update_each(moved, ["metrics_offset", "metrics_seq", "metrics_latest"])
         Metric.objects.bulk_create(rows)

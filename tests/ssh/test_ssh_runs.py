@@ -295,3 +295,37 @@ def test_a_hosts_own_python_setup_cannot_break_the_poll(lab, member):
     run_id = create(member.client, h, name="pth", command="echo fine")
     run = ended(run_id, timeout=60)
     assert run.status == "finished" and run.exit_code == 0, (run.status, run.error)
+
+
+def test_a_host_with_2_cpu_slots_never_runs_more_than_2_one_cpu_runs_at_once(lab, member):
+    """Counted on the host itself: each run writes when it starts and ends to a file there;
+    6 one-CPU runs pinned to a 2-slot host never overlap more than 2 deep, and the ones that
+    wait say the CPU slots are why."""
+    h = lab[1]
+    Host.objects.filter(name=h.name).update(cpu_slots=2)
+    stamps = Path(h.home) / "overlap.log"
+    stamps.unlink(missing_ok=True)
+    command = (
+        f'echo "$(date +%s.%N) 1" >> {stamps}; sleep 1.5; echo "$(date +%s.%N) -1" >> {stamps}'
+    )
+    ids = [create(member.client, h, name=f"slot-{i}", command=command) for i in range(6)]
+    reasons = set()
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        rows = list(Run.objects.filter(pk__in=ids).values_list("status", "waiting_reason"))
+        reasons |= {why for status, why in rows if status == "queued"}
+        if all(status in TERMINAL for status, _ in rows):
+            break
+        time.sleep(0.2)
+    assert [ended(i).status for i in ids] == ["finished"] * 6
+    events = sorted(
+        (float(at), int(step))
+        for at, step in (line.split() for line in stamps.read_text().split("\n") if line)
+    )
+    assert len(events) == 12
+    depth = deepest = 0
+    for _, step in events:
+        depth += step
+        deepest = max(deepest, depth)
+    assert deepest == 2, f"{deepest} runs ran at once on a 2-slot host"
+    assert any("0 of 2 CPU slots free on " + h.name in why for why in reasons), reasons

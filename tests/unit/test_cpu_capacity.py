@@ -151,3 +151,19 @@ def test_the_hosts_cores_and_memory_come_from_its_inventory(tmp_path):
         protocol.parse_gpu(
             {"gpu": {"query_gpu": "", "query_apps": "", "error": "", "pid_runs": {}, "cpus": -1}}
         )
+
+
+def test_a_gpu_run_whose_cpus_no_gpu_host_has_says_so_when_it_is_created(member):
+    """The GPUs are there, but not on a host with the CPU slots the run asks besides them."""
+    node = host("gpu-a", cpu_count=4, gpu_source="nvidia-smi")
+    for i in range(2):
+        GpuFactory(host=node, index=i)
+    host("cpu-big", cpu_count=64)
+    body = {"command": "train", "auto_start": True, "gpus": 2}
+    greedy = member.client.post("/api/runs", {**body, "cpus": 8}, format="json")
+    assert greedy.status_code == 201, greedy.content
+    assert greedy.json()["waiting_reason"] == (
+        "needs 2 GPU(s) and 8 CPU(s); no host with 2 such GPU(s) has that many CPU slots"
+    )
+    fits = member.client.post("/api/runs", {**body, "cpus": 4}, format="json")
+    assert fits.json()["waiting_reason"] == "waiting for the scheduler's next pass"

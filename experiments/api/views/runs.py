@@ -49,8 +49,8 @@ class RunViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gene
         if set(request.query_params) <= {"limit", "offset"}:
             # What agents ask in their loops: the whole lab, newest first, a page of it.
             limit, offset = paginator.bounds(request)
-            page = rows.unfiltered_page(limit=limit, offset=offset)
-            return paginator.answer(request, rows.run_count(), page)
+            count, page = rows.unfiltered_page(limit=limit, offset=offset)
+            return paginator.answer(request, count, page)
         queryset = self.filter_queryset(Run.objects.all())
         page_of = paginator.page_of(queryset, request)
         return paginator.get_paginated_response(rows.run_rows(page_of, summary=True))
