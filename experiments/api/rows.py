@@ -172,14 +172,8 @@ def run_rows(queryset: QuerySet[Run], *, summary: bool) -> list[dict[str, Any]]:
     except EmptyResultSet:  # a filter no run can match (`id__in=[]`): Django sends nothing
         return []
     rows = fetch_raw(sql, params, queryset.db)
-    leases: list[tuple[Any, ...]] = []
-    if rows:
-        at = names.index("id")
-        leases = list(
-            GpuLease.objects.filter(run_id__in=[row[at] for row in rows], released_at__isnull=True)
-            .order_by("id")
-            .values_list("run_id", "gpu__index", "gpu__uuid")
-        )
+    at = names.index("id")
+    leases = _leases_of([row[at] for row in rows]) if rows else []
     return _shape(names, rows, leases, summary=summary)
 
 
@@ -230,7 +224,8 @@ def _shape(
     times = _TimeOf(zone, utc)
     convert: list[tuple[str, Any]] = [("leased_gpus", leases.__getitem__), ("env", _env)]
     convert += [(name, _json) for name in FIELDS if name in _JSON and name != "env"]
-    if not rows or not (utc and _is_utc(_first_time(rows, col))):
+    # One connection's times are all alike: `created_at` (never NULL) says which kind they are.
+    if not rows or not (utc and _is_utc(rows[0][col["created_at"]])):
         convert += [(name, times) for name in _TIMES]
     length_at = col.get("command_length")
     out = []
@@ -249,12 +244,6 @@ def _shape(
 
 def _is_utc(value: Any) -> bool:
     return isinstance(value, datetime) and value.utcoffset() == timedelta(0)
-
-
-def _first_time(rows: list[tuple[Any, ...]], col: dict[str, int]) -> Any:
-    """The driver's kind of time value (an aware datetime from PostgreSQL, text from SQLite):
-    `created_at` is never NULL."""
-    return rows[0][col["created_at"]]
 
 
 class _TimeOf:

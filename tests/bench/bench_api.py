@@ -14,7 +14,6 @@ its chart data (`/metrics`, downsampled in the database) <= 50 ms (issue 11).
 
 from __future__ import annotations
 
-import http.client
 import os
 import signal
 import statistics
@@ -39,6 +38,7 @@ from clusters.models import Gpu, Host  # noqa: E402
 from experiments.models import GpuLease, Plan, Run, Sweep  # noqa: E402
 from labsite.models import ApiToken  # noqa: E402
 from labsite.roles import assign_role  # noqa: E402
+from tests.bench.timing import one_request, pct  # noqa: E402
 from tests.harness.ports import free_port, wait_port  # noqa: E402
 
 N_RUNS = int(os.environ.get("BENCH_RUNS", "100000"))
@@ -47,11 +47,6 @@ N_REQUESTS = int(os.environ.get("BENCH_REQUESTS", "100"))
 BIG_SERIES = 100_000
 SMALL_SERIES_RUNS, SMALL_SERIES = 19_000, 100
 LIST_P95_MS, RUN_PAGE_MS, CHART_MS = 30.0, 100.0, 50.0
-
-
-def pct(samples: list[float], p: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
 
 
 class Lab:
@@ -201,19 +196,8 @@ def query_counts(lab: Lab, cookie: str) -> dict[str, int]:
 
 
 def latencies(port: int, path: str, headers: dict[str, str]) -> list[float]:
-    samples = []
-    for i in range(N_REQUESTS + 10):
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-        start = time.perf_counter()
-        conn.request("GET", path, headers=headers)
-        response = conn.getresponse()
-        response.read()
-        elapsed = time.perf_counter() - start
-        conn.close()
-        assert response.status == 200, (path, response.status)
-        if i >= 10:
-            samples.append(elapsed * 1000)
-    return samples
+    samples = [one_request(port, path, headers) for _ in range(N_REQUESTS + 10)]
+    return samples[10:]  # warm-up
 
 
 def generic(path: str) -> str:

@@ -42,6 +42,7 @@ from django.conf import settings  # noqa: E402
 from django.db import connection  # noqa: E402
 from django.utils import timezone  # noqa: E402
 
+from tests.bench.timing import one_request, pct  # noqa: E402
 from tests.harness.ports import free_port, wait_port  # noqa: E402
 
 SIZES = [int(n) for n in os.environ.get("BENCH_READ_SIZES", "1000,100000").split(",")]
@@ -61,23 +62,6 @@ READS = [
         "/wild/v2/system-health",
     ),
 ]
-
-
-def pct(samples: list[float], p: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
-
-
-def one_request(port: int, path: str, headers: dict[str, str]) -> float:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    start = time.perf_counter()
-    conn.request("GET", path, headers=headers)
-    response = conn.getresponse()
-    response.read()
-    elapsed = time.perf_counter() - start
-    conn.close()
-    assert response.status == 200, (port, path, response.status)
-    return elapsed * 1000
 
 
 def side_by_side(
